@@ -1,0 +1,194 @@
+//! A client for token-agent, for Rust programs and for `tokenctl`.
+//!
+//! It is blocking and small on purpose: a program that wants one token should
+//! not pay for an async runtime or TLS to get it.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use token_agent_client::Client;
+//!
+//! let mut agent = Client::connect_default()?;
+//! let token = agent.get("work", Duration::from_secs(60))?;
+//! println!("Authorization: Bearer {}", token.access_token.expose());
+//! # Ok::<(), token_agent_client::ClientError>(())
+//! ```
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use token_agent_proto as proto;
+use token_agent_proto::{
+    read_frame, write_frame, ErrorCode, ErrorReply, FrameError, ImportSession, Request, Response,
+    SessionStatus, TokenReply, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, PROTOCOL_VERSION,
+};
+
+/// How long a request may take by default. A `get` can wait for a refresh,
+/// and an import for discovery plus a refresh, so this is generous.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket.
+    #[error("no token-agent is running on {path} ({source}); start one with `token-agent`")]
+    NoAgent {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket path could not be worked out.
+    #[error("{0}")]
+    NoSocketPath(String),
+    /// The agent answered with an error.
+    #[error("{}", .0.message)]
+    Agent(ErrorReply),
+    /// The agent's answer did not fit the request, or the connection broke.
+    #[error("talking to the agent failed: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The agent's error code, when the agent gave one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Agent(reply) => Some(reply.code),
+            _ => None,
+        }
+    }
+}
+
+impl From<FrameError> for ClientError {
+    fn from(err: FrameError) -> Self {
+        ClientError::Protocol(err.to_string())
+    }
+}
+
+/// The socket path a client uses when none is given: `$TOKEN_AGENT_SOCK`,
+/// else `$XDG_RUNTIME_DIR/token-agent/agent.sock`.
+pub fn default_socket_path() -> Result<PathBuf, ClientError> {
+    let from_env = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(path) = from_env("TOKEN_AGENT_SOCK") {
+        return Ok(PathBuf::from(path));
+    }
+    match from_env("XDG_RUNTIME_DIR") {
+        Some(runtime) => Ok(PathBuf::from(runtime).join("token-agent/agent.sock")),
+        None => Err(ClientError::NoSocketPath(
+            "neither TOKEN_AGENT_SOCK nor XDG_RUNTIME_DIR is set, so the agent's socket is \
+             unknown; set TOKEN_AGENT_SOCK"
+                .into(),
+        )),
+    }
+}
+
+/// One connection to the agent. Requests on it are answered in order.
+pub struct Client {
+    stream: UnixStream,
+}
+
+impl Client {
+    /// Connects to the default socket; see [`default_socket_path`].
+    pub fn connect_default() -> Result<Client, ClientError> {
+        Client::connect(&default_socket_path()?)
+    }
+
+    /// Connects to the agent at `path` and agrees on the protocol version.
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::NoAgent {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut client = Client { stream };
+        client.set_timeout(DEFAULT_TIMEOUT)?;
+
+        match client.request(&Request::Hello {
+            version: PROTOCOL_VERSION,
+        })? {
+            Response::Hello { .. } => Ok(client),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Limits how long each request may take.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        let io = |err: std::io::Error| ClientError::Protocol(err.to_string());
+        self.stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        self.stream.set_write_timeout(Some(timeout)).map_err(io)
+    }
+
+    /// Sends one request and reads its answer. An error answer becomes
+    /// [`ClientError::Agent`].
+    pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
+        write_frame(&mut self.stream, request, MAX_REQUEST_LEN)?;
+        match read_frame(&mut self.stream, MAX_RESPONSE_LEN)? {
+            Response::Error(reply) => Err(ClientError::Agent(reply)),
+            response => Ok(response),
+        }
+    }
+
+    /// A token valid for at least `min_valid` more.
+    pub fn get(&mut self, name: &str, min_valid: Duration) -> Result<TokenReply, ClientError> {
+        let request = Request::Get {
+            name: name.into(),
+            min_valid_secs: min_valid.as_secs(),
+        };
+        match self.request(&request)? {
+            Response::Token(token) => Ok(token),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Adds a session; the agent refreshes it at once.
+    pub fn import(&mut self, session: ImportSession) -> Result<String, ClientError> {
+        self.done(&Request::Import(session))
+    }
+
+    pub fn remove(&mut self, name: &str) -> Result<String, ClientError> {
+        self.done(&Request::Remove { name: name.into() })
+    }
+
+    /// Refreshes now, whatever the schedule says.
+    pub fn refresh(&mut self, name: &str) -> Result<String, ClientError> {
+        self.done(&Request::Refresh { name: name.into() })
+    }
+
+    pub fn list(&mut self) -> Result<Vec<SessionStatus>, ClientError> {
+        match self.request(&Request::List)? {
+            Response::Sessions { sessions } => Ok(sessions),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn status(&mut self, name: &str) -> Result<SessionStatus, ClientError> {
+        match self.request(&Request::Status { name: name.into() })? {
+            Response::Status { session } => Ok(session),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        match self.request(&Request::Ping)? {
+            Response::Pong => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn done(&mut self, request: &Request) -> Result<String, ClientError> {
+        match self.request(request)? {
+            Response::Done { message } => Ok(message),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(response: Response) -> ClientError {
+    let kind = match response {
+        Response::Hello { .. } => "hello",
+        Response::Pong => "pong",
+        Response::Token(_) => "token",
+        Response::Sessions { .. } => "sessions",
+        Response::Status { .. } => "status",
+        Response::Done { .. } => "done",
+        Response::Error(_) => "error",
+    };
+    ClientError::Protocol(format!("the agent answered with an unexpected {kind}"))
+}

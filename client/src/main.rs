@@ -1,0 +1,399 @@
+//! tokenctl: the command line for token-agent.
+//!
+//! Exit codes, so scripts can tell the cases apart:
+//! 0 done; 1 any other error; 2 bad usage; 3 no agent running;
+//! 4 no such session; 5 the session needs a new sign-in;
+//! 6 the provider cannot be reached (the agent keeps retrying);
+//! 7 the provider refuses the client configuration.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use token_agent_client::proto::{
+    ClientAuth, ErrorCode, ExpirySource, ImportSession, Secret, SessionState, SessionStatus,
+};
+use token_agent_client::{default_socket_path, Client, ClientError};
+
+#[derive(Parser)]
+#[command(
+    name = "tokenctl",
+    version,
+    about = "Ask token-agent for tokens and manage its sessions"
+)]
+struct Cli {
+    /// The agent's socket [default: $TOKEN_AGENT_SOCK, else $XDG_RUNTIME_DIR/token-agent/agent.sock]
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a current access token, alone, on standard output.
+    Get {
+        name: String,
+        /// The token must stay valid at least this long, e.g. 30s or 5m.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        min_valid: Duration,
+    },
+    /// Add a session from a refresh token obtained elsewhere. The agent
+    /// refreshes at once, so a bad token or client is reported now.
+    Import(ImportArgs),
+    /// List the sessions.
+    List,
+    /// Show one session in detail, or all in brief.
+    Status { name: Option<String> },
+    /// Forget a session and its tokens.
+    Remove { name: String },
+    /// Refresh a session now.
+    Refresh { name: String },
+    /// Check that the agent answers.
+    Ping,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    name: String,
+    /// The provider's issuer URL.
+    #[arg(long)]
+    issuer: String,
+    #[arg(long)]
+    client_id: String,
+    /// A file holding the client secret (`-` for standard input).
+    #[arg(long, value_name = "FILE")]
+    client_secret_file: Option<PathBuf>,
+    /// How the secret is sent [default: basic with a secret, none without].
+    #[arg(long, value_enum)]
+    client_auth: Option<AuthArg>,
+    /// Skip discovery and use this token endpoint.
+    #[arg(long, value_name = "URL")]
+    token_endpoint: Option<String>,
+    /// A scope to ask for on refresh; repeat for several.
+    #[arg(long = "scope", value_name = "SCOPE")]
+    scopes: Vec<String>,
+    /// A file holding the refresh token (`-` for standard input).
+    #[arg(long, value_name = "FILE")]
+    refresh_token_file: PathBuf,
+    /// Refresh ahead only while the session was used within this long; an
+    /// idle session lapses and is refreshed on its next `get`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Replace a session of the same name.
+    #[arg(long)]
+    replace: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AuthArg {
+    Basic,
+    Post,
+    None,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("tokenctl: {}", failure.message);
+            ExitCode::from(failure.exit_code)
+        }
+    }
+}
+
+struct Failure {
+    message: String,
+    exit_code: u8,
+}
+
+impl From<ClientError> for Failure {
+    fn from(err: ClientError) -> Self {
+        let exit_code = match &err {
+            ClientError::NoAgent { .. } | ClientError::NoSocketPath(_) => 3,
+            ClientError::Agent(reply) => match reply.code {
+                ErrorCode::NoSuchSession => 4,
+                ErrorCode::ReauthRequired => 5,
+                ErrorCode::TemporarilyUnavailable => 6,
+                ErrorCode::ClientMisconfigured => 7,
+                _ => 1,
+            },
+            ClientError::Protocol(_) => 1,
+        };
+        let mut message = err.to_string();
+        if let ClientError::Agent(reply) = &err {
+            if let Some(provider) = &reply.provider_error {
+                message.push_str(&format!("\n  provider error: {}", provider.error));
+                if let Some(description) = &provider.description {
+                    message.push_str(&format!(" ({description})"));
+                }
+            }
+        }
+        Failure { message, exit_code }
+    }
+}
+
+fn failure(message: String) -> Failure {
+    Failure {
+        message,
+        exit_code: 1,
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let socket = match cli.socket {
+        Some(path) => path,
+        None => default_socket_path()?,
+    };
+    // Read secrets before connecting, so a typo in a path fails fast.
+    let import = match &cli.command {
+        Command::Import(args) => Some(import_request(args)?),
+        _ => None,
+    };
+    let mut agent = Client::connect(&socket)?;
+    let mut out = std::io::stdout().lock();
+
+    let printed = match cli.command {
+        Command::Get { name, min_valid } => {
+            let token = agent.get(&name, min_valid)?;
+            writeln!(out, "{}", token.access_token.expose())
+        }
+        Command::Import(_) => {
+            let message = agent.import(import.expect("built above"))?;
+            writeln!(out, "{message}")
+        }
+        Command::List => {
+            let sessions = agent.list()?;
+            print_table(&mut out, &sessions)
+        }
+        Command::Status { name: Some(name) } => {
+            let session = agent.status(&name)?;
+            print_status(&mut out, &session)
+        }
+        Command::Status { name: None } => {
+            let sessions = agent.list()?;
+            print_table(&mut out, &sessions)
+        }
+        Command::Remove { name } => writeln!(out, "{}", agent.remove(&name)?),
+        Command::Refresh { name } => writeln!(out, "{}", agent.refresh(&name)?),
+        Command::Ping => {
+            agent.ping()?;
+            writeln!(out, "the agent at {} answers", socket.display())
+        }
+    };
+    printed.map_err(|err| failure(format!("cannot write the output: {err}")))
+}
+
+fn import_request(args: &ImportArgs) -> Result<ImportSession, Failure> {
+    let refresh_token = read_secret(&args.refresh_token_file, "refresh token")?;
+    let client_secret = match &args.client_secret_file {
+        Some(path) => Some(read_secret(path, "client secret")?),
+        None => None,
+    };
+    if args.refresh_token_file.as_os_str() == "-"
+        && args
+            .client_secret_file
+            .as_deref()
+            .is_some_and(|p| p.as_os_str() == "-")
+    {
+        return Err(failure(
+            "only one of the secrets can come from standard input".into(),
+        ));
+    }
+    let client_auth = match (args.client_auth, &client_secret) {
+        (Some(AuthArg::Basic), _) => ClientAuth::Basic,
+        (Some(AuthArg::Post), _) => ClientAuth::Post,
+        (Some(AuthArg::None), _) => ClientAuth::None,
+        (None, Some(_)) => ClientAuth::Basic,
+        (None, None) => ClientAuth::None,
+    };
+    Ok(ImportSession {
+        name: args.name.clone(),
+        issuer: args.issuer.clone(),
+        token_endpoint: args.token_endpoint.clone(),
+        client_id: args.client_id.clone(),
+        client_secret,
+        client_auth,
+        scopes: args.scopes.clone(),
+        refresh_token,
+        idle_timeout_secs: args.idle_timeout.map(|d| d.as_secs()),
+        replace: args.replace,
+    })
+}
+
+/// Reads a secret from a file or standard input, without the line break.
+fn read_secret(path: &PathBuf, what: &str) -> Result<Secret, Failure> {
+    let mut text = String::new();
+    let read = if path.as_os_str() == "-" {
+        std::io::stdin().read_to_string(&mut text)
+    } else {
+        std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut text))
+    };
+    read.map_err(|err| {
+        failure(format!(
+            "cannot read the {what} from {}: {err}",
+            path.display()
+        ))
+    })?;
+    let secret = Secret::new(text.trim());
+    text.clear();
+    if secret.is_empty() {
+        return Err(failure(format!(
+            "the {what} in {} is empty",
+            path.display()
+        )));
+    }
+    Ok(secret)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// "4m 10s", "2h 5m", "3d 4h": the two largest units.
+fn human(seconds: u64) -> String {
+    let units = [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)];
+    let mut parts = Vec::new();
+    let mut rest = seconds;
+    for (unit, size) in units {
+        if rest >= size || (parts.is_empty() && size == 1) {
+            parts.push(format!("{}{unit}", rest / size));
+            rest %= size;
+        }
+        if parts.len() == 2 {
+            break;
+        }
+    }
+    parts.join(" ")
+}
+
+/// "in 4m 10s" or "3m ago".
+fn relative(at: u64) -> String {
+    let now = now();
+    if at >= now {
+        format!("in {}", human(at - now))
+    } else {
+        format!("{} ago", human(now - at))
+    }
+}
+
+fn state_word(state: SessionState) -> &'static str {
+    match state {
+        SessionState::Fresh => "fresh",
+        SessionState::Refreshing => "refreshing",
+        SessionState::Retrying => "retrying",
+        SessionState::NeedsSignIn => "needs sign-in",
+        SessionState::ClientMisconfigured => "client misconfigured",
+    }
+}
+
+fn expiry_words(session: &SessionStatus) -> String {
+    match session.access_expires_at {
+        Some(at) if at > now() => format!("expires {}", relative(at)),
+        Some(at) => format!("expired {}", relative(at)),
+        None => "no token".into(),
+    }
+}
+
+fn print_table(out: &mut impl Write, sessions: &[SessionStatus]) -> std::io::Result<()> {
+    if sessions.is_empty() {
+        return writeln!(out, "no sessions; add one with `tokenctl import`");
+    }
+    let width = sessions
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    writeln!(
+        out,
+        "{:width$}  {:20}  {:22}  NEXT REFRESH",
+        "NAME", "STATE", "TOKEN"
+    )?;
+    for session in sessions {
+        let next = session
+            .next_refresh_at
+            .map(relative)
+            .unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "{:width$}  {:20}  {:22}  {next}",
+            session.name,
+            state_word(session.state),
+            expiry_words(session),
+        )?;
+    }
+    Ok(())
+}
+
+fn print_status(out: &mut impl Write, s: &SessionStatus) -> std::io::Result<()> {
+    let source = match s.expiry_source {
+        Some(ExpirySource::Provider) | None => "",
+        Some(ExpirySource::PreviousLifetime) => " (estimated: the provider's previous lifetime)",
+        Some(ExpirySource::Jwt) => " (estimated: from the token's own exp - iat)",
+        Some(ExpirySource::Default) => " (estimated: the agent's default lifetime)",
+    };
+    writeln!(out, "session:        {}", s.name)?;
+    writeln!(out, "issuer:         {}", s.issuer)?;
+    writeln!(out, "client:         {}", s.client_id)?;
+    writeln!(out, "token endpoint: {}", s.token_endpoint)?;
+    if !s.scopes.is_empty() {
+        writeln!(out, "scopes:         {}", s.scopes.join(" "))?;
+    }
+    writeln!(
+        out,
+        "state:          {} since {}",
+        state_word(s.state),
+        relative(s.state_since)
+    )?;
+    if let Some(reason) = &s.reason {
+        writeln!(out, "reason:         {reason}")?;
+    }
+    writeln!(out, "access token:   {}{source}", expiry_words(s))?;
+    let refresh = match (s.has_refresh_token, s.refresh_expires_at) {
+        (false, _) => "none: sign in again".to_string(),
+        (true, Some(at)) => format!("held, expires {}", relative(at)),
+        (true, None) => "held, no stated expiry".to_string(),
+    };
+    writeln!(out, "refresh token:  {refresh}")?;
+    if let Some(at) = s.last_refresh_at {
+        writeln!(out, "last refresh:   {}", relative(at))?;
+    }
+    match s.next_refresh_at {
+        Some(at) => writeln!(out, "next refresh:   {}", relative(at))?,
+        None => writeln!(out, "next refresh:   none scheduled")?,
+    }
+    if let Some(idle) = s.idle_timeout_secs {
+        writeln!(
+            out,
+            "idle timeout:   {} (refreshed ahead only while in use)",
+            human(idle)
+        )?;
+    }
+    if s.consecutive_failures > 0 {
+        writeln!(out, "failures:       {} in a row", s.consecutive_failures)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_say_them() {
+        assert_eq!(human(0), "0s");
+        assert_eq!(human(59), "59s");
+        assert_eq!(human(250), "4m 10s");
+        assert_eq!(human(3_600), "1h");
+        assert_eq!(human(7_500), "2h 5m");
+        assert_eq!(human(273_600), "3d 4h");
+    }
+}

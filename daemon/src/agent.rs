@@ -1,0 +1,368 @@
+//! The agent's requests: what `get`, `import`, `remove`, `list`, `status`
+//! and `refresh` do to the sessions. The server only frames and forwards;
+//! the refresher does the talking to providers.
+
+use std::sync::Arc;
+
+use token_agent_proto::{
+    validate_session_name, ClientAuth, ErrorCode, ErrorReply, ImportSession, Request, Response,
+    SessionState, TokenReply, PROTOCOL_VERSION,
+};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{debug, info, warn};
+
+use crate::refresh::{
+    insufficient_validity, no_such_session, reauth_error, token_or_error, Refresher, Trigger,
+};
+use crate::schedule::Timing;
+use crate::sessions::{now_ms, Session, Sessions};
+use crate::store::{ClientConfig, SessionRecord, StateRecord, Store, StoreError, Tokens};
+
+pub struct Agent {
+    pub sessions: Sessions,
+    pub refresher: Arc<Refresher>,
+    timing: Timing,
+    /// Imports are rare and slow (discovery, a first refresh); one at a time
+    /// keeps two imports of one name from interleaving.
+    import_lock: tokio::sync::Mutex<()>,
+}
+
+impl Agent {
+    /// Builds the in-memory view from the store and plans every session.
+    pub fn load(store: &Store, refresher: Arc<Refresher>) -> Result<Agent, StoreError> {
+        let timing = refresher.timing;
+        let agent = Agent {
+            sessions: Sessions::default(),
+            refresher,
+            timing,
+            import_lock: tokio::sync::Mutex::new(()),
+        };
+
+        let now = now_ms();
+        for mut record in store.load_all()? {
+            if record.refresh_in_flight.is_some() {
+                // The provider may have rotated the refresh token in an
+                // answer that died with the last agent. Try the one we
+                // have at once; if it is refused, the status says why.
+                warn!(
+                    session = %record.name,
+                    "the agent stopped during this session's refresh; retrying it now"
+                );
+                record.interrupted = true;
+                record.refresh_in_flight = None;
+                record.next_refresh_at = Some(now);
+            }
+            let session = Arc::new(Session::new(record));
+            agent.plan(&session);
+            agent.sessions.insert(session);
+        }
+        Ok(agent)
+    }
+
+    fn plan(&self, session: &Arc<Session>) {
+        let due = session.record().next_refresh_at;
+        match due {
+            Some(at) if !session.is_stuck() => self.refresher.scheduler.schedule(&session.name, at),
+            _ => {}
+        }
+    }
+
+    pub async fn handle(&self, request: Request) -> Response {
+        let result = match request {
+            Request::Hello { .. } => Ok(Response::Hello {
+                version: PROTOCOL_VERSION,
+                agent: concat!("token-agent ", env!("CARGO_PKG_VERSION")).into(),
+            }),
+            Request::Ping => Ok(Response::Pong),
+            Request::Get {
+                name,
+                min_valid_secs,
+            } => self.get(&name, min_valid_secs).await.map(Response::Token),
+            Request::Import(import) => self.import(import).await.map(done),
+            Request::Remove { name } => self.remove(&name).await.map(done),
+            Request::List => Ok(Response::Sessions {
+                sessions: self.sessions.all().iter().map(|s| s.status()).collect(),
+            }),
+            Request::Status { name } => self.find(&name).map(|session| Response::Status {
+                session: session.status(),
+            }),
+            Request::Refresh { name } => self.refresh_now(&name).await.map(done),
+        };
+        result.unwrap_or_else(Response::Error)
+    }
+
+    fn find(&self, name: &str) -> Result<Arc<Session>, ErrorReply> {
+        validate_session_name(name).map_err(|why| ErrorReply::new(ErrorCode::BadRequest, why))?;
+        self.sessions.get(name).ok_or_else(|| no_such_session(name))
+    }
+
+    /// A token valid for `min_valid_secs` more, refreshing first if needed.
+    pub async fn get(&self, name: &str, min_valid_secs: u64) -> Result<TokenReply, ErrorReply> {
+        let session = self.find(name)?;
+        let now = now_ms();
+        session.touch(now);
+
+        let min_valid_ms = min_valid_secs.saturating_mul(1000);
+        if let Some(token) = session.servable(now, min_valid_ms) {
+            return Ok(token);
+        }
+        self.check_refresh_may_help(&session, now)?;
+
+        debug!(session = %name, "token too close to expiry; refreshing on demand");
+        self.refresher
+            .refresh(session.clone(), Trigger::Demand { min_valid_ms })
+            .await?;
+        token_or_error(&session, min_valid_ms)
+    }
+
+    /// Answers at once when a refresh cannot give a better token now, so a
+    /// client never waits on a dead session and never drives the provider
+    /// harder than the backoff allows.
+    fn check_refresh_may_help(&self, session: &Session, now: u64) -> Result<(), ErrorReply> {
+        let record = session.record();
+        match record.state.state {
+            SessionState::NeedsSignIn => return Err(reauth_error(&record)),
+            SessionState::ClientMisconfigured => {
+                let mut reply = ErrorReply::new(
+                    ErrorCode::ClientMisconfigured,
+                    format!(
+                        "session {}: {}",
+                        record.name,
+                        record
+                            .state
+                            .reason
+                            .as_deref()
+                            .unwrap_or("the client is misconfigured")
+                    ),
+                );
+                reply.provider_error = record.state.provider_error.clone();
+                return Err(reply);
+            }
+            SessionState::Retrying => {
+                if let Some(retry_at) = record.next_refresh_at.filter(|&at| at > now) {
+                    let mut reply = ErrorReply::new(
+                        ErrorCode::TemporarilyUnavailable,
+                        format!(
+                            "session {}: the provider is failing ({}); the agent retries in {} s",
+                            record.name,
+                            record.state.reason.as_deref().unwrap_or("unknown error"),
+                            (retry_at - now).div_ceil(1000)
+                        ),
+                    );
+                    reply.retry_at = Some(retry_at.div_ceil(1000));
+                    return Err(reply);
+                }
+            }
+            SessionState::Fresh | SessionState::Refreshing => {}
+        }
+
+        // A valid token that is merely shorter than asked for, fetched a
+        // moment ago: another refresh would bring the same lifetime.
+        let has_valid =
+            record.tokens.access_token.is_some() && record.tokens.access_expires_at > now;
+        let refreshed_recently = record
+            .last_refresh_at
+            .is_some_and(|at| now.saturating_sub(at) < self.timing.min_gap_ms);
+        if has_valid && refreshed_recently {
+            return Err(insufficient_validity(&record));
+        }
+        Ok(())
+    }
+
+    async fn import(&self, import: ImportSession) -> Result<String, ErrorReply> {
+        check_import(&import)?;
+        let _one_at_a_time = self.import_lock.lock().await;
+
+        let name = import.name.clone();
+        let existing = self.sessions.get(&name);
+        if existing.is_some() && !import.replace {
+            return Err(ErrorReply::new(
+                ErrorCode::SessionExists,
+                format!("a session named {name} exists; pass --replace to replace it"),
+            ));
+        }
+
+        let token_endpoint = match &import.token_endpoint {
+            Some(endpoint) => endpoint.clone(),
+            None => self
+                .refresher
+                .provider
+                .discover_token_endpoint(&import.issuer)
+                .await
+                .map_err(|why| {
+                    ErrorReply::new(
+                        ErrorCode::TemporarilyUnavailable,
+                        format!("cannot find the token endpoint: {why}; pass --token-endpoint to skip discovery"),
+                    )
+                })?,
+        };
+
+        // Let a refresh of the old session finish before taking its name.
+        if let Some(old) = existing {
+            let _gate = old.gate.lock().await;
+            old.mark_removed();
+        }
+        let session = Arc::new(Session::new(new_record(import, token_endpoint)));
+        self.sessions.insert(session.clone());
+        self.refresher.scheduler.unschedule(&name);
+
+        match self
+            .refresher
+            .refresh(session.clone(), Trigger::Forced)
+            .await
+        {
+            Ok(()) => {
+                info!(session = %name, "session imported");
+                let expires = session.status().access_expires_at.unwrap_or(0);
+                Ok(format!(
+                    "imported session {name}; its token is valid for {} s",
+                    expires.saturating_sub(now_ms() / 1000)
+                ))
+            }
+            Err(mut reply) if is_passing(reply.code) => {
+                reply.message = format!(
+                    "session {name} is saved, but its first refresh failed: {}",
+                    reply.message
+                );
+                Err(reply)
+            }
+            Err(mut reply) => {
+                self.forget(&session).await;
+                reply.message = format!("session {name} was not imported: {}", reply.message);
+                Err(reply)
+            }
+        }
+    }
+
+    async fn remove(&self, name: &str) -> Result<String, ErrorReply> {
+        let session = self.find(name)?;
+        self.forget(&session).await;
+        info!(session = %name, "session removed");
+        Ok(format!("removed session {name}"))
+    }
+
+    /// Drops a session from memory, schedule and store, after any refresh
+    /// in flight has finished.
+    async fn forget(&self, session: &Arc<Session>) {
+        let _gate = session.gate.lock().await;
+        session.mark_removed();
+        self.sessions.remove(session);
+        self.refresher.scheduler.unschedule(&session.name);
+        if let Err(err) = self.refresher.store.remove(&session.name).await {
+            warn!(session = %session.name, error = %err, "cannot delete the session from the store");
+        }
+    }
+
+    async fn refresh_now(&self, name: &str) -> Result<String, ErrorReply> {
+        let session = self.find(name)?;
+        if session.record().state.state == SessionState::NeedsSignIn {
+            return Err(reauth_error(&session.record()));
+        }
+        self.refresher
+            .refresh(session.clone(), Trigger::Forced)
+            .await?;
+        let expires = session.status().access_expires_at.unwrap_or(0);
+        Ok(format!(
+            "refreshed session {name}; its token is valid for {} s",
+            expires.saturating_sub(now_ms() / 1000)
+        ))
+    }
+
+    /// Starts the scheduled refresh of `name`; the permit bounds how many
+    /// run at once and is dropped when this one ends.
+    pub fn start_scheduled(self: &Arc<Self>, name: Arc<str>, permit: OwnedSemaphorePermit) {
+        let Some(session) = self.sessions.get(&name) else {
+            return;
+        };
+
+        let idle_limit = session.record().idle_timeout_secs;
+        if let Some(idle_secs) = idle_limit {
+            let idle_ms = now_ms().saturating_sub(session.last_used());
+            if idle_ms > idle_secs.saturating_mul(1000) {
+                debug!(session = %name, "unused for longer than its idle time; left to lapse");
+                return;
+            }
+        }
+
+        let refresher = self.refresher.clone();
+        self.refresher.tasks.spawn(async move {
+            let _ = refresher.refresh(session, Trigger::Scheduled).await;
+            drop(permit);
+        });
+    }
+}
+
+fn done(message: String) -> Response {
+    Response::Done { message }
+}
+
+fn is_passing(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::TemporarilyUnavailable | ErrorCode::StoreFailed
+    )
+}
+
+fn check_import(import: &ImportSession) -> Result<(), ErrorReply> {
+    let bad = |why: String| Err(ErrorReply::new(ErrorCode::BadRequest, why));
+    validate_session_name(&import.name)
+        .map_err(|why| ErrorReply::new(ErrorCode::BadRequest, why))?;
+    if import.refresh_token.is_empty() {
+        return bad("the refresh token is empty".into());
+    }
+    if import.client_id.is_empty() {
+        return bad("the client id is empty".into());
+    }
+    for (what, url) in [
+        ("issuer", Some(&import.issuer)),
+        ("token endpoint", import.token_endpoint.as_ref()),
+    ] {
+        let Some(url) = url else { continue };
+        match url::Url::parse(url) {
+            Ok(parsed) if matches!(parsed.scheme(), "https" | "http") => {}
+            _ => return bad(format!("the {what} {url:?} is not an http(s) URL")),
+        }
+    }
+    match (import.client_auth, &import.client_secret) {
+        (ClientAuth::None, Some(_)) => {
+            bad("a client secret was given for a public client (client auth none)".into())
+        }
+        (ClientAuth::Basic | ClientAuth::Post, None) => {
+            bad("this client authentication needs a client secret".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn new_record(import: ImportSession, token_endpoint: String) -> SessionRecord {
+    let now = now_ms();
+    SessionRecord {
+        name: import.name,
+        client: ClientConfig {
+            issuer: import.issuer,
+            token_endpoint,
+            client_id: import.client_id,
+            client_secret: import.client_secret,
+            client_auth: import.client_auth,
+            scopes: import.scopes,
+        },
+        tokens: Tokens {
+            refresh_token: Some(import.refresh_token),
+            ..Tokens::default()
+        },
+        generation: 0,
+        refresh_in_flight: None,
+        interrupted: false,
+        state: StateRecord {
+            state: SessionState::Refreshing,
+            since: now,
+            reason: None,
+            provider_error: None,
+        },
+        last_refresh_at: None,
+        consecutive_failures: 0,
+        next_refresh_at: None,
+        idle_timeout_secs: import.idle_timeout_secs,
+        created_at: now,
+    }
+}

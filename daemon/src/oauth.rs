@@ -1,0 +1,577 @@
+//! The identity-provider client: the only module that speaks HTTP to
+//! providers. It builds refresh requests, reads discovery documents, and
+//! turns every answer, however odd, into one [`Answer`].
+//!
+//! Classification goes by the OAuth `error` code and the HTTP status, never by
+//! the wording of `error_description`: providers word the same failure in
+//! many ways ("Token is not active", "Stale token", "refresh token expired").
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{ACCEPT, CONTENT_TYPE, DATE, RETRY_AFTER};
+use serde::Deserialize;
+use serde_json::Value;
+use token_agent_proto::{ClientAuth, ProviderError, Secret};
+
+use crate::store::ClientConfig;
+
+/// A successful token answer. Lifetimes are as the provider sent them;
+/// deadlines are worked out by the caller from the time of receipt.
+#[derive(Debug)]
+pub struct TokenAnswer {
+    pub access_token: Secret,
+    /// Lowercased; `bearer` is the one type the agent serves.
+    pub token_type: String,
+    pub expires_in: Option<i64>,
+    pub refresh_token: Option<Secret>,
+    /// Keycloak's `refresh_expires_in`, GitHub's `refresh_token_expires_in`.
+    /// Zero means the refresh token does not expire.
+    pub refresh_expires_in: Option<i64>,
+}
+
+/// How a refresh went, as far as the provider's answer tells.
+#[derive(Debug)]
+pub enum Answer {
+    Tokens(TokenAnswer),
+    /// The refresh token is dead: expired, revoked, reused or superseded.
+    /// Only a new sign-in helps.
+    NeedsSignIn(ProviderError),
+    /// The client is refused (`invalid_client`, `unauthorized_client`,
+    /// `unsupported_grant_type`); the refresh token may still be good.
+    ClientRejected(ProviderError),
+    /// Worth retrying later: the network, the provider's health, garbage.
+    Transient(Transient),
+}
+
+#[derive(Debug)]
+pub struct Transient {
+    /// For an operator: status, content type, a cleaned excerpt. No token.
+    pub reason: String,
+    /// The provider's `Retry-After`, when it sent one.
+    pub retry_after: Option<Duration>,
+}
+
+impl Transient {
+    fn new(reason: impl Into<String>) -> Self {
+        Transient {
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// What an HTTP exchange produced, for [`classify`].
+pub struct RawAnswer<'a> {
+    pub status: u16,
+    pub content_type: Option<&'a str>,
+    pub retry_after: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+pub struct Provider {
+    http: reqwest::Client,
+}
+
+impl Provider {
+    pub fn new(timeout: Duration) -> anyhow::Result<Provider> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("token-agent/", env!("CARGO_PKG_VERSION")))
+            // A token endpoint that redirects is misconfigured; following
+            // it could send the refresh token somewhere unexpected.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Provider { http })
+    }
+
+    /// Reads `token_endpoint` from the issuer's discovery document.
+    pub async fn discover_token_endpoint(&self, issuer: &str) -> Result<String, String> {
+        #[derive(Deserialize)]
+        struct Discovery {
+            token_endpoint: String,
+        }
+
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            issuer.trim_end_matches('/')
+        );
+        let response = self
+            .http
+            .get(&url)
+            .header(ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|err| format!("cannot fetch {url}: {}", describe_http_error(&err)))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!("{url} answered HTTP {}", status.as_u16()));
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|err| format!("cannot read {url}: {}", describe_http_error(&err)))?;
+        let discovery: Discovery = serde_json::from_slice(&body)
+            .map_err(|err| format!("{url} is not a discovery document: {err}"))?;
+        url::Url::parse(&discovery.token_endpoint)
+            .map_err(|err| format!("{url} names a token endpoint that is not a URL: {err}"))?;
+        Ok(discovery.token_endpoint)
+    }
+
+    /// Presents `refresh_token` once and classifies the answer. Network
+    /// failures come back as [`Answer::Transient`]; the caller decides what
+    /// the answer means for the session.
+    pub async fn refresh(&self, client: &ClientConfig, refresh_token: &Secret) -> Answered {
+        let mut form: Vec<(&str, &str)> = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose()),
+        ];
+        let scope = client.scopes.join(" ");
+        if !scope.is_empty() {
+            form.push(("scope", &scope));
+        }
+
+        // GitHub answers form-encoded text unless JSON is asked for.
+        let mut request = self
+            .http
+            .post(&client.token_endpoint)
+            .header(ACCEPT, "application/json");
+        match (client.client_auth, &client.client_secret) {
+            (ClientAuth::Basic, Some(secret)) => {
+                request = request.basic_auth(
+                    form_encode(&client.client_id),
+                    Some(form_encode(secret.expose())),
+                );
+            }
+            (ClientAuth::Post, Some(secret)) => {
+                form.push(("client_id", &client.client_id));
+                form.push(("client_secret", secret.expose()));
+            }
+            _ => form.push(("client_id", &client.client_id)),
+        }
+
+        let started = SystemTime::now();
+        let result = request.form(&form).send().await;
+        let response = match result {
+            Ok(response) => response,
+            Err(err) => {
+                return Answered {
+                    answer: Answer::Transient(Transient::new(describe_http_error(&err))),
+                    received_at: SystemTime::now(),
+                    server_date: None,
+                    took: started.elapsed().unwrap_or_default(),
+                }
+            }
+        };
+
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        let server_date = header(DATE).and_then(|d| httpdate::parse_http_date(d).ok());
+        let body = response.bytes().await;
+        let received_at = SystemTime::now();
+        let took = started.elapsed().unwrap_or_default();
+
+        let answer = match body {
+            Ok(body) => classify(&RawAnswer {
+                status,
+                content_type: header(CONTENT_TYPE),
+                retry_after: header(RETRY_AFTER),
+                body: &body,
+            }),
+            Err(err) => Answer::Transient(Transient::new(format!(
+                "HTTP {status}, body cut off: {}",
+                describe_http_error(&err)
+            ))),
+        };
+        Answered {
+            answer,
+            received_at,
+            server_date,
+            took,
+        }
+    }
+}
+
+/// An answer with the facts about its arrival.
+#[derive(Debug)]
+pub struct Answered {
+    pub answer: Answer,
+    /// Local time the answer was read; deadlines count from here.
+    pub received_at: SystemTime,
+    /// The provider's `Date` header, for spotting clock skew.
+    pub server_date: Option<SystemTime>,
+    pub took: Duration,
+}
+
+/// RFC 6749 2.3.1: Basic credentials are form-encoded before base64.
+fn form_encode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+/// A reqwest error in words, without the URL's query (none is sent) and
+/// without any body.
+fn describe_http_error(err: &reqwest::Error) -> String {
+    let kind = if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "connection failed"
+    } else if err.is_body() || err.is_decode() {
+        "answer cut off"
+    } else {
+        "request failed"
+    };
+    let mut detail = String::new();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        detail = cause.to_string();
+        source = cause.source();
+    }
+    if detail.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind}: {detail}")
+    }
+}
+
+/// Turns one HTTP answer into an [`Answer`]. Pure, so every odd answer a
+/// provider or proxy can give is tested directly.
+pub fn classify(raw: &RawAnswer<'_>) -> Answer {
+    let fields = parse_fields(raw.content_type, raw.body);
+
+    // An `error` member decides, whatever the status: GitHub reports a dead
+    // refresh token inside an HTTP 200.
+    if let Some(fields) = &fields {
+        if let Some(error) = string_field(fields, "error") {
+            let provider_error = ProviderError {
+                error: error.clone(),
+                description: string_field(fields, "error_description"),
+            };
+            return classify_error_code(raw, provider_error);
+        }
+    }
+
+    if raw.status == 429 || raw.status == 408 || raw.status >= 500 {
+        return Answer::Transient(Transient {
+            reason: describe_unexpected(raw),
+            retry_after: parse_retry_after(raw.retry_after),
+        });
+    }
+    if !(200..300).contains(&raw.status) {
+        return Answer::Transient(Transient::new(describe_unexpected(raw)));
+    }
+
+    let Some(fields) = fields else {
+        return Answer::Transient(Transient::new(describe_unexpected(raw)));
+    };
+    match token_answer(&fields) {
+        Some(tokens) => Answer::Tokens(tokens),
+        None => Answer::Transient(Transient::new(format!(
+            "HTTP {} without an access_token: not a token answer",
+            raw.status
+        ))),
+    }
+}
+
+fn classify_error_code(raw: &RawAnswer<'_>, error: ProviderError) -> Answer {
+    match error.error.as_str() {
+        "invalid_client" | "unauthorized_client" | "unsupported_grant_type" => {
+            Answer::ClientRejected(error)
+        }
+        // RFC 6749 lets a provider say it is busy or broken in a proper
+        // error body; that is a passing state, not a verdict on the token.
+        "temporarily_unavailable" | "server_error" | "slow_down" => Answer::Transient(Transient {
+            reason: format!("HTTP {}: provider said {}", raw.status, error.error),
+            retry_after: parse_retry_after(raw.retry_after),
+        }),
+        // invalid_grant in all its wordings, GitHub's bad_refresh_token,
+        // invalid_token, invalid_request ("claimed by another client"),
+        // invalid_scope and anything else a provider states plainly: the
+        // refresh token will not work again as it is.
+        _ => Answer::NeedsSignIn(error),
+    }
+}
+
+/// The body's fields, from JSON or, when the provider says so, from a
+/// form-encoded body. `None` when the body is neither.
+fn parse_fields(content_type: Option<&str>, body: &[u8]) -> Option<serde_json::Map<String, Value>> {
+    let media_type = content_type
+        .and_then(|ct| ct.split(';').next())
+        .map(|mt| mt.trim().to_ascii_lowercase());
+
+    if media_type.as_deref() == Some("application/x-www-form-urlencoded") {
+        let fields: serde_json::Map<String, Value> = url::form_urlencoded::parse(body)
+            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+            .collect();
+        return (!fields.is_empty()).then_some(fields);
+    }
+
+    // Some providers send JSON as text/plain; trust the body over the label
+    // as long as it parses as an object.
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(fields)) => Some(fields),
+        _ => None,
+    }
+}
+
+fn string_field(fields: &serde_json::Map<String, Value>, name: &str) -> Option<String> {
+    match fields.get(name)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// A number of seconds given as a JSON number or a numeric string.
+fn seconds_field(fields: &serde_json::Map<String, Value>, name: &str) -> Option<i64> {
+    match fields.get(name)? {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::String(s) => s.trim().parse::<f64>().ok().map(|f| f as i64),
+        _ => None,
+    }
+}
+
+fn token_answer(fields: &serde_json::Map<String, Value>) -> Option<TokenAnswer> {
+    let access_token = string_field(fields, "access_token")?;
+    Some(TokenAnswer {
+        access_token: Secret::new(access_token),
+        // RFC 6749 requires token_type; lenient providers omit it and mean
+        // Bearer.
+        token_type: string_field(fields, "token_type")
+            .unwrap_or_else(|| "bearer".into())
+            .to_ascii_lowercase(),
+        expires_in: seconds_field(fields, "expires_in"),
+        refresh_token: string_field(fields, "refresh_token").map(Secret::new),
+        refresh_expires_in: seconds_field(fields, "refresh_expires_in")
+            .or_else(|| seconds_field(fields, "refresh_token_expires_in")),
+    })
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
+    let value = value?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+/// "HTTP 502 (text/html): 502 Bad Gateway" — enough for an operator to see
+/// which proxy or page answered. Bodies that look like JSON are never
+/// quoted, since a malformed token answer could still carry a token.
+fn describe_unexpected(raw: &RawAnswer<'_>) -> String {
+    let content_type = raw.content_type.unwrap_or("no content type");
+    let looks_like_json = raw.body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if raw.body.is_empty() {
+        return format!("HTTP {} ({content_type}), empty body", raw.status);
+    }
+    if looks_like_json {
+        return format!("HTTP {} ({content_type}), unexpected JSON", raw.status);
+    }
+    format!(
+        "HTTP {} ({content_type}): {}",
+        raw.status,
+        body_excerpt(raw.body)
+    )
+}
+
+/// The visible text of a body, tags and control characters dropped, cut to
+/// 80 characters.
+fn body_excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]);
+    let mut out = String::new();
+    let mut in_tag = false;
+    let mut last_space = true;
+    for c in text.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            _ if in_tag => {}
+            c if c.is_whitespace() || c.is_control() => {
+                if !last_space {
+                    out.push(' ');
+                    last_space = true;
+                }
+            }
+            c => {
+                out.push(c);
+                last_space = false;
+            }
+        }
+        if out.chars().count() >= 80 {
+            out.push('…');
+            break;
+        }
+    }
+    out.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, content_type: &str, body: &str) -> Answer {
+        classify(&RawAnswer {
+            status,
+            content_type: Some(content_type),
+            retry_after: None,
+            body: body.as_bytes(),
+        })
+    }
+
+    const JSON: &str = "application/json";
+
+    #[test]
+    fn a_plain_success_is_read_in_full() {
+        let Answer::Tokens(t) = answer(
+            200,
+            JSON,
+            r#"{"access_token":"at-2","token_type":"Bearer","expires_in":300,"refresh_token":"rt-2","refresh_expires_in":1800}"#,
+        ) else {
+            panic!("not a success")
+        };
+        assert_eq!(t.access_token.expose(), "at-2");
+        assert_eq!(t.token_type, "bearer");
+        assert_eq!(t.expires_in, Some(300));
+        assert_eq!(t.refresh_token.unwrap().expose(), "rt-2");
+        assert_eq!(t.refresh_expires_in, Some(1800));
+    }
+
+    #[test]
+    fn http_200_with_error_body_is_treated_as_failed_refresh() {
+        let body = r#"{"error":"bad_refresh_token","error_description":"incorrect or expired","error_uri":"https://docs.example/x"}"#;
+        match answer(200, JSON, body) {
+            Answer::NeedsSignIn(e) => assert_eq!(e.error, "bad_refresh_token"),
+            other => panic!("classified as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_form_encoded_answer_is_parsed() {
+        let body = "access_token=ghu_fake2&expires_in=28800&refresh_token=ghr_fake2&refresh_token_expires_in=15811200&scope=&token_type=bearer";
+        let Answer::Tokens(t) = answer(
+            200,
+            "application/x-www-form-urlencoded; charset=utf-8",
+            body,
+        ) else {
+            panic!("not a success")
+        };
+        assert_eq!(t.expires_in, Some(28800));
+        assert_eq!(t.refresh_expires_in, Some(15811200));
+        assert_eq!(t.refresh_token.unwrap().expose(), "ghr_fake2");
+    }
+
+    #[test]
+    fn expires_in_may_be_a_string_and_token_type_any_case() {
+        let Answer::Tokens(t) = answer(
+            200,
+            JSON,
+            r#"{"access_token":"a","token_type":"BEARER","expires_in":"3600"}"#,
+        ) else {
+            panic!("not a success")
+        };
+        assert_eq!(t.expires_in, Some(3600));
+        assert_eq!(t.token_type, "bearer");
+        assert!(t.refresh_token.is_none());
+    }
+
+    #[test]
+    fn every_invalid_grant_wording_needs_sign_in() {
+        for description in [
+            "Token is not active",
+            "Stale token",
+            "Session not active",
+            "Maximum allowed refresh token reuse exceeded",
+            "AADSTS700082: refresh token expired due to inactivity",
+        ] {
+            let body =
+                format!(r#"{{"error":"invalid_grant","error_description":"{description}"}}"#);
+            assert!(matches!(answer(400, JSON, &body), Answer::NeedsSignIn(_)));
+        }
+        let superseded = r#"{"error":"invalid_request","error_description":"Refresh token is invalid or has already been claimed by another client."}"#;
+        assert!(matches!(
+            answer(400, JSON, superseded),
+            Answer::NeedsSignIn(_)
+        ));
+        let not_found =
+            r#"{"error":"invalid_token","error_description":"refresh token not found"}"#;
+        assert!(matches!(
+            answer(401, JSON, not_found),
+            Answer::NeedsSignIn(_)
+        ));
+    }
+
+    #[test]
+    fn client_errors_blame_the_client_not_the_token() {
+        for code in [
+            "invalid_client",
+            "unauthorized_client",
+            "unsupported_grant_type",
+        ] {
+            let body = format!(r#"{{"error":"{code}"}}"#);
+            assert!(matches!(
+                answer(401, JSON, &body),
+                Answer::ClientRejected(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn outages_and_garbage_are_transient() {
+        let cases = [
+            (503, JSON, r#"{"error":"temporarily_unavailable"}"#),
+            (
+                502,
+                "text/html",
+                "<html><body><h1>502 Bad Gateway</h1></body></html>",
+            ),
+            (200, "text/html", "<html>login to Wi-Fi</html>"),
+            (500, "text/plain", ""),
+            (200, JSON, "not json"),
+            (200, JSON, r#"{"token_type":"Bearer","expires_in":300}"#),
+            (404, "text/html", "<h1>Not Found</h1>"),
+        ];
+        for (status, content_type, body) in cases {
+            assert!(
+                matches!(answer(status, content_type, body), Answer::Transient(_)),
+                "{status} {content_type} {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_reason_names_status_and_content_type_and_quotes_no_json() {
+        let Answer::Transient(t) = answer(
+            502,
+            "text/html",
+            "<html><body><h1>502 Bad Gateway</h1></body></html>",
+        ) else {
+            panic!()
+        };
+        assert_eq!(t.reason, "HTTP 502 (text/html): 502 Bad Gateway");
+
+        let Answer::Transient(t) = answer(200, JSON, r#"{"refresh_token":"rt-secret"}"#) else {
+            panic!()
+        };
+        assert!(!t.reason.contains("rt-secret"));
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_a_date() {
+        let rate_limited = classify(&RawAnswer {
+            status: 429,
+            content_type: None,
+            retry_after: Some("120"),
+            body: b"",
+        });
+        let Answer::Transient(t) = rate_limited else {
+            panic!()
+        };
+        assert_eq!(t.retry_after, Some(Duration::from_secs(120)));
+
+        let later = SystemTime::now() + Duration::from_secs(600);
+        let date = httpdate::fmt_http_date(later);
+        let waited = parse_retry_after(Some(&date)).unwrap();
+        assert!(waited > Duration::from_secs(590) && waited <= Duration::from_secs(600));
+    }
+}

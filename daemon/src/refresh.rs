@@ -1,0 +1,663 @@
+//! One refresh, through its steps, keeping the invariants:
+//!
+//! 1. One refresh per session in flight: everything below runs under the
+//!    session's gate, and a caller that waited at the gate while another
+//!    attempt ran takes that attempt's outcome instead of starting its own.
+//! 2. The in-flight marker is flushed before the request is sent, so a crash
+//!    mid-refresh is known at the next start.
+//! 3. A rotated refresh token is flushed before anything from its answer is
+//!    served or acted on. If the write fails, the answer is held in memory,
+//!    never served, and written by the next attempt instead of presenting
+//!    the old refresh token again.
+//!
+//! Each refresh runs in its own task: a client that hangs up must not cancel
+//! a request already sent, or its rotated answer would be thrown away.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use token_agent_proto::{
+    ErrorCode, ErrorReply, ExpirySource, ProviderError, SessionState, TokenReply,
+};
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::oauth::{Answer, Answered, Provider, TokenAnswer, Transient};
+use crate::schedule::Timing;
+use crate::scheduler::Scheduler;
+use crate::sessions::{now_ms, to_ms, Outcome, Session};
+use crate::store::{InFlight, SessionRecord, StateRecord, Store};
+
+/// Why a refresh was asked for; decides whether it is still needed once
+/// the gate is ours.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger {
+    /// The scheduler found the session due.
+    Scheduled,
+    /// A `get` found the token too close to expiry.
+    Demand { min_valid_ms: u64 },
+    /// A person asked (`tokenctl refresh`), or a session was just imported.
+    Forced,
+}
+
+/// Clock difference to the provider above which a warning is logged.
+const SKEW_WARNING: Duration = Duration::from_secs(60);
+
+pub struct Refresher {
+    pub store: Arc<Store>,
+    pub provider: Provider,
+    pub scheduler: Arc<Scheduler>,
+    pub timing: Timing,
+    pub tasks: TaskTracker,
+}
+
+impl Refresher {
+    /// Refreshes `session` unless the trigger turns out to be moot, and
+    /// returns the outcome of the attempt made or joined.
+    pub async fn refresh(self: &Arc<Self>, session: Arc<Session>, trigger: Trigger) -> Outcome {
+        let this = self.clone();
+        let span = info_span!("refresh", session = %session.name);
+        let task = self
+            .tasks
+            .spawn(async move { this.refresh_in_task(&session, trigger).await }.instrument(span));
+        task.await.unwrap_or_else(|_| {
+            Err(ErrorReply::new(
+                ErrorCode::Internal,
+                "the refresh task failed; see the agent's log",
+            ))
+        })
+    }
+
+    async fn refresh_in_task(&self, session: &Session, trigger: Trigger) -> Outcome {
+        let attempts_seen = session.attempts();
+        let _gate = session.gate.lock().await;
+
+        if session.is_removed() {
+            return Err(no_such_session(&session.name));
+        }
+        if session.attempts() != attempts_seen {
+            // Another attempt finished while we waited: its answer is ours.
+            return session.last_outcome();
+        }
+        if !still_needed(session, trigger) {
+            return Ok(());
+        }
+
+        let outcome = self.attempt(session).await;
+        session.finish_attempt(outcome.clone());
+        outcome
+    }
+
+    /// One attempt; the caller holds the gate.
+    async fn attempt(&self, session: &Session) -> Outcome {
+        let pending = session
+            .unsaved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(pending) = pending {
+            return self.write_pending(session, pending).await;
+        }
+
+        let mut record = session.record().clone();
+        let Some(refresh_token) = record.tokens.refresh_token.clone() else {
+            return Err(reauth_error(&record));
+        };
+
+        // The marker goes to disk before the refresh token leaves.
+        let now = now_ms();
+        record.refresh_in_flight = Some(InFlight {
+            generation: record.generation,
+            started_at: now,
+        });
+        // The reason of an earlier failure stays, so status can tell
+        // "refreshing again after: ..." and the next failure can tell
+        // whether it is new trouble.
+        record.state.state = SessionState::Refreshing;
+        if let Err(err) = self.store.save(&record).await {
+            error!(error = %err, "cannot record the refresh as started; not sending it");
+            self.scheduler
+                .schedule(&session.name, now + self.timing.backoff_max_ms);
+            return Err(store_error(&err));
+        }
+        session.set_record(record.clone());
+
+        let answered = self.provider.refresh(&record.client, &refresh_token).await;
+        self.warn_on_skew(&answered);
+        let Answered {
+            answer,
+            received_at,
+            took,
+            ..
+        } = answered;
+        match answer {
+            Answer::Tokens(tokens) => {
+                self.succeed(session, record, tokens, received_at, took)
+                    .await
+            }
+            Answer::Transient(transient) => self.retry_later(session, record, transient).await,
+            Answer::NeedsSignIn(provider_error) => {
+                self.needs_sign_in(session, record, provider_error).await
+            }
+            Answer::ClientRejected(provider_error) => {
+                self.client_rejected(session, record, provider_error).await
+            }
+        }
+    }
+
+    async fn succeed(
+        &self,
+        session: &Session,
+        mut record: SessionRecord,
+        answer: TokenAnswer,
+        received_at: SystemTime,
+        took: Duration,
+    ) -> Outcome {
+        let received = to_ms(received_at);
+        apply_answer(&mut record, answer, received, &self.timing);
+        record.generation += 1;
+        record.refresh_in_flight = None;
+        record.interrupted = false;
+        record.last_refresh_at = Some(received);
+        record.consecutive_failures = 0;
+        record.next_refresh_at = Some(self.next_refresh(&record));
+
+        if record.tokens.access_token.is_none() {
+            // An unsupported token type: the refresh token is kept, the
+            // access token is not served.
+            return self.finish_without_token(session, record).await;
+        }
+        set_state(&mut record, SessionState::Fresh, received, None, None);
+
+        if let Err(err) = self.store.save(&record).await {
+            error!(
+                error = %err,
+                "the provider rotated the tokens but the store refused them; \
+                 holding them in memory, serving nothing from them, and retrying the write"
+            );
+            *session.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
+            self.scheduler
+                .schedule(&session.name, now_ms() + self.timing.backoff_base_ms);
+            return Err(store_error(&err));
+        }
+
+        info!(
+            generation = record.generation,
+            expires_in_s = record.tokens.access_expires_at.saturating_sub(received) / 1000,
+            expiry_source = ?record.tokens.expiry_source,
+            took_ms = took.as_millis() as u64,
+            "refreshed"
+        );
+        self.install(session, record);
+        Ok(())
+    }
+
+    /// Writes an answer a failed write left in memory.
+    async fn write_pending(&self, session: &Session, record: SessionRecord) -> Outcome {
+        if let Err(err) = self.store.save(&record).await {
+            error!(error = %err, "the store still refuses the rotated tokens; retrying the write");
+            self.scheduler
+                .schedule(&session.name, now_ms() + self.timing.backoff_max_ms);
+            return Err(store_error(&err));
+        }
+        info!("rotated tokens written after an earlier store failure");
+        *session.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.install(session, record);
+        Ok(())
+    }
+
+    async fn finish_without_token(&self, session: &Session, mut record: SessionRecord) -> Outcome {
+        let now = now_ms();
+        let reason =
+            "the provider issued a token type other than Bearer, which the agent does not serve";
+        set_state(
+            &mut record,
+            SessionState::ClientMisconfigured,
+            now,
+            Some(reason.into()),
+            None,
+        );
+        record.next_refresh_at = None;
+        self.save_or_log(&record).await;
+        error!("{reason}");
+        self.install(session, record);
+        Err(ErrorReply::new(ErrorCode::ClientMisconfigured, reason))
+    }
+
+    async fn retry_later(
+        &self,
+        session: &Session,
+        mut record: SessionRecord,
+        transient: Transient,
+    ) -> Outcome {
+        let now = now_ms();
+        record.refresh_in_flight = None;
+        record.consecutive_failures += 1;
+        let retry_after = transient.retry_after.map(|d| d.as_millis() as u64);
+        let delay =
+            self.timing
+                .backoff_ms(record.consecutive_failures, retry_after, rand::random());
+        let retry_at = now + delay;
+        record.next_refresh_at = Some(retry_at);
+
+        // Once per change of state, not on every attempt.
+        let is_new_trouble = record.consecutive_failures == 1
+            || record.state.reason.as_deref() != Some(transient.reason.as_str());
+        if is_new_trouble {
+            warn!(reason = %transient.reason, retry_in_s = delay / 1000, "refresh failed; will retry");
+            set_state(
+                &mut record,
+                SessionState::Retrying,
+                now,
+                Some(transient.reason.clone()),
+                None,
+            );
+        } else {
+            record.state.state = SessionState::Retrying;
+        }
+        self.save_or_log(&record).await;
+        self.install(session, record.clone());
+
+        let mut reply = ErrorReply::new(
+            ErrorCode::TemporarilyUnavailable,
+            format!(
+                "session {}: the provider could not refresh the token ({}); the agent retries",
+                record.name, transient.reason
+            ),
+        );
+        reply.retry_at = Some(retry_at / 1000);
+        Err(reply)
+    }
+
+    async fn needs_sign_in(
+        &self,
+        session: &Session,
+        mut record: SessionRecord,
+        provider_error: ProviderError,
+    ) -> Outcome {
+        let now = now_ms();
+        let reason = if record.interrupted {
+            format!(
+                "the agent stopped in the middle of a refresh, and the provider has since \
+                 refused the refresh token ({}): the rotated token was lost with the agent",
+                provider_error.error
+            )
+        } else {
+            format!(
+                "the provider refused the refresh token ({})",
+                describe(&provider_error)
+            )
+        };
+        error!(
+            provider_error = %provider_error.error,
+            "session needs a new sign-in: {reason}"
+        );
+
+        // A refused refresh token is dead; keeping it would only tempt a
+        // replay. The session's settings stay for the next import.
+        record.tokens.refresh_token = None;
+        record.tokens.access_token = None;
+        record.refresh_in_flight = None;
+        record.interrupted = false;
+        record.consecutive_failures += 1;
+        record.next_refresh_at = None;
+        set_state(
+            &mut record,
+            SessionState::NeedsSignIn,
+            now,
+            Some(reason),
+            Some(provider_error),
+        );
+        self.save_or_log(&record).await;
+        let reply = reauth_error(&record);
+        self.install(session, record);
+        Err(reply)
+    }
+
+    async fn client_rejected(
+        &self,
+        session: &Session,
+        mut record: SessionRecord,
+        provider_error: ProviderError,
+    ) -> Outcome {
+        let now = now_ms();
+        let reason = format!(
+            "the provider refused client {} ({}); the refresh token is kept, and nothing is \
+             retried until the session is imported again with a working client",
+            record.client.client_id,
+            describe(&provider_error)
+        );
+        error!(provider_error = %provider_error.error, "{reason}");
+
+        record.refresh_in_flight = None;
+        record.consecutive_failures += 1;
+        record.next_refresh_at = None;
+        set_state(
+            &mut record,
+            SessionState::ClientMisconfigured,
+            now,
+            Some(reason.clone()),
+            Some(provider_error.clone()),
+        );
+        self.save_or_log(&record).await;
+        self.install(session, record);
+
+        let mut reply = ErrorReply::new(ErrorCode::ClientMisconfigured, reason);
+        reply.provider_error = Some(provider_error);
+        Err(reply)
+    }
+
+    /// Saves a record whose loss would cost no token: a failure state, or
+    /// a cleared marker. A failed write is logged; the next start sees the
+    /// marker and retries, which is the safe side.
+    async fn save_or_log(&self, record: &SessionRecord) {
+        if let Err(err) = self.store.save(record).await {
+            error!(error = %err, "cannot store the session's new state");
+        }
+    }
+
+    /// Makes `record` the session's current view and plans its next refresh.
+    fn install(&self, session: &Session, record: SessionRecord) {
+        match record.next_refresh_at {
+            Some(at) => self.scheduler.schedule(&session.name, at),
+            None => self.scheduler.unschedule(&session.name),
+        }
+        session.set_record(record);
+    }
+
+    fn next_refresh(&self, record: &SessionRecord) -> u64 {
+        self.timing.next_refresh(
+            record.tokens.obtained_at,
+            record.tokens.access_expires_at,
+            record.tokens.refresh_expires_at,
+            rand::random(),
+        )
+    }
+
+    fn warn_on_skew(&self, answered: &Answered) {
+        let Some(server_date) = answered.server_date else {
+            return;
+        };
+        let skew = match answered.received_at.duration_since(server_date) {
+            Ok(ahead) => ahead,
+            Err(behind) => behind.duration(),
+        };
+        if skew > SKEW_WARNING {
+            warn!(
+                skew_s = skew.as_secs(),
+                "this machine's clock and the provider's differ; expiries are counted \
+                 from local receipt time, so tokens stay usable, but check the clock"
+            );
+        }
+    }
+}
+
+/// Whether a refresh is still wanted now that the gate is ours.
+fn still_needed(session: &Session, trigger: Trigger) -> bool {
+    let now = now_ms();
+    match trigger {
+        Trigger::Forced => true,
+        Trigger::Demand { min_valid_ms } => session.servable(now, min_valid_ms).is_none(),
+        // A refresh on demand may have moved the plan since this entry was
+        // taken from the queue.
+        Trigger::Scheduled => {
+            let record = session.record();
+            !session.is_stuck() && record.next_refresh_at.is_some_and(|at| at <= now)
+        }
+    }
+}
+
+/// Fills in tokens and deadlines from a successful answer received at
+/// `received` (local clock, Unix ms). Deadlines are durations from receipt,
+/// so a provider whose clock is off cannot make tokens look expired or
+/// eternal.
+pub fn apply_answer(
+    record: &mut SessionRecord,
+    answer: TokenAnswer,
+    received: u64,
+    timing: &Timing,
+) {
+    let tokens = &mut record.tokens;
+    let stated = answer
+        .expires_in
+        .filter(|&s| s > 0)
+        .map(|s| s as u64 * 1000);
+    let (lifetime, source) = match (stated, tokens.provider_lifetime_ms) {
+        (Some(ms), _) => (ms, ExpirySource::Provider),
+        (None, Some(previous)) => (previous, ExpirySource::PreviousLifetime),
+        (None, None) => match jwt_lifetime_ms(answer.access_token.expose()) {
+            Some(ms) => (ms, ExpirySource::Jwt),
+            None => (timing.default_lifetime_ms, ExpirySource::Default),
+        },
+    };
+    if stated.is_some() {
+        tokens.provider_lifetime_ms = stated;
+    }
+
+    tokens.access_token = (answer.token_type == "bearer").then_some(answer.access_token);
+    tokens.obtained_at = received;
+    tokens.access_expires_at = received + lifetime;
+    tokens.expiry_source = Some(source);
+
+    let rotated = answer.refresh_token.is_some();
+    if let Some(refresh_token) = answer.refresh_token {
+        tokens.refresh_token = Some(refresh_token);
+    }
+    // Zero means the refresh token does not expire. A rotated token without
+    // a stated lifetime has none we know; an unrotated one keeps its own.
+    match answer.refresh_expires_in {
+        Some(secs) if secs > 0 => tokens.refresh_expires_at = Some(received + secs as u64 * 1000),
+        Some(_) => tokens.refresh_expires_at = None,
+        None if rotated => tokens.refresh_expires_at = None,
+        None => {}
+    }
+}
+
+/// `exp - iat` of a JWT access token, as a duration: comparing `exp` with
+/// the local clock would bring the provider's clock skew in.
+fn jwt_lifetime_ms(token: &str) -> Option<u64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_i64()?;
+    let iat = claims.get("iat")?.as_i64()?;
+    (exp > iat).then(|| (exp - iat) as u64 * 1000)
+}
+
+fn set_state(
+    record: &mut SessionRecord,
+    state: SessionState,
+    now: u64,
+    reason: Option<String>,
+    provider_error: Option<ProviderError>,
+) {
+    record.state = StateRecord {
+        state,
+        since: now,
+        reason,
+        provider_error,
+    };
+}
+
+fn describe(error: &ProviderError) -> String {
+    match &error.description {
+        Some(description) => format!("{}: {}", error.error, description),
+        None => error.error.clone(),
+    }
+}
+
+pub fn reauth_error(record: &SessionRecord) -> ErrorReply {
+    let why = record
+        .state
+        .reason
+        .clone()
+        .unwrap_or_else(|| "the session has no refresh token".into());
+    let mut reply = ErrorReply::new(
+        ErrorCode::ReauthRequired,
+        format!(
+            "session {} needs a new sign-in: {why}. Sign in again and import the new \
+             refresh token with `tokenctl import {} --replace ...`",
+            record.name, record.name
+        ),
+    );
+    reply.provider_error = record.state.provider_error.clone();
+    reply
+}
+
+pub fn no_such_session(name: &str) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::NoSuchSession,
+        format!("no session named {name}; `tokenctl list` shows the sessions there are"),
+    )
+}
+
+fn store_error(err: &crate::store::StoreError) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::StoreFailed,
+        format!("the agent cannot write its store ({err}); see the agent's log"),
+    )
+}
+
+pub fn insufficient_validity(record: &SessionRecord) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::InsufficientValidity,
+        format!(
+            "session {}: the provider's tokens live {} s, less than the validity asked for",
+            record.name,
+            record
+                .tokens
+                .access_expires_at
+                .saturating_sub(record.tokens.obtained_at)
+                / 1000
+        ),
+    )
+}
+
+/// The reply for a token that the caller may have, built once the gate's
+/// outcome says it exists.
+pub fn token_or_error(session: &Session, min_valid_ms: u64) -> Result<TokenReply, ErrorReply> {
+    let now = now_ms();
+    if let Some(token) = session.servable(now, min_valid_ms) {
+        return Ok(token);
+    }
+    let record = session.record();
+    if record.tokens.access_token.is_some() && record.tokens.access_expires_at > now {
+        return Err(insufficient_validity(&record));
+    }
+    Err(ErrorReply::new(
+        ErrorCode::TemporarilyUnavailable,
+        format!(
+            "session {}: no valid token yet; the agent is refreshing it",
+            record.name
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use token_agent_proto::Secret;
+
+    fn record() -> SessionRecord {
+        crate::store::tests::record("s1")
+    }
+
+    fn answer(expires_in: Option<i64>, refresh: Option<&str>) -> TokenAnswer {
+        TokenAnswer {
+            access_token: Secret::new("at-2"),
+            token_type: "bearer".into(),
+            expires_in,
+            refresh_token: refresh.map(Secret::new),
+            refresh_expires_in: None,
+        }
+    }
+
+    #[test]
+    fn refresh_response_without_refresh_token_keeps_previous_one() {
+        let mut r = record();
+        apply_answer(&mut r, answer(Some(300), None), 1_000, &Timing::default());
+        assert_eq!(r.tokens.refresh_token.unwrap().expose(), "rt-1");
+        assert_eq!(r.tokens.access_token.unwrap().expose(), "at-2");
+    }
+
+    #[test]
+    fn expiry_counts_from_local_receipt() {
+        let mut r = record();
+        apply_answer(
+            &mut r,
+            answer(Some(300), Some("rt-2")),
+            50_000,
+            &Timing::default(),
+        );
+        assert_eq!(r.tokens.access_expires_at, 350_000);
+        assert_eq!(r.tokens.expiry_source, Some(ExpirySource::Provider));
+        assert_eq!(r.tokens.refresh_token.unwrap().expose(), "rt-2");
+    }
+
+    #[test]
+    fn missing_expires_in_falls_back_to_last_known_lifetime() {
+        let mut r = record();
+        apply_answer(
+            &mut r,
+            answer(Some(600), Some("rt-1")),
+            0,
+            &Timing::default(),
+        );
+        apply_answer(
+            &mut r,
+            answer(None, Some("rt-2")),
+            1_000_000,
+            &Timing::default(),
+        );
+        assert_eq!(r.tokens.access_expires_at, 1_600_000);
+        assert_eq!(r.tokens.expiry_source, Some(ExpirySource::PreviousLifetime));
+    }
+
+    #[test]
+    fn missing_expires_in_uses_the_jwt_lifetime_then_the_default() {
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(r#"{"iat":1000,"exp":1900,"sub":"u"}"#);
+        let mut r = record();
+        let mut jwt = answer(None, None);
+        jwt.access_token = Secret::new(format!("eyJhbGciOiJub25lIn0.{claims}.sig"));
+        apply_answer(&mut r, jwt, 0, &Timing::default());
+        assert_eq!(r.tokens.access_expires_at, 900_000);
+        assert_eq!(r.tokens.expiry_source, Some(ExpirySource::Jwt));
+
+        let mut r = record();
+        apply_answer(&mut r, answer(Some(0), None), 0, &Timing::default());
+        assert_eq!(
+            r.tokens.access_expires_at,
+            Timing::default().default_lifetime_ms
+        );
+        assert_eq!(r.tokens.expiry_source, Some(ExpirySource::Default));
+    }
+
+    #[test]
+    fn refresh_token_deadline_follows_the_provider() {
+        let mut r = record();
+        let mut a = answer(Some(300), Some("rt-2"));
+        a.refresh_expires_in = Some(120);
+        apply_answer(&mut r, a, 0, &Timing::default());
+        assert_eq!(r.tokens.refresh_expires_at, Some(120_000));
+
+        // Zero: an offline token without expiry.
+        let mut a = answer(Some(300), Some("rt-3"));
+        a.refresh_expires_in = Some(0);
+        apply_answer(&mut r, a, 0, &Timing::default());
+        assert_eq!(r.tokens.refresh_expires_at, None);
+    }
+
+    #[test]
+    fn a_non_bearer_token_is_not_kept_for_serving() {
+        let mut r = record();
+        let mut a = answer(Some(300), Some("rt-2"));
+        a.token_type = "dpop".into();
+        apply_answer(&mut r, a, 0, &Timing::default());
+        assert!(r.tokens.access_token.is_none());
+        assert_eq!(r.tokens.refresh_token.unwrap().expose(), "rt-2");
+    }
+}

@@ -1,0 +1,193 @@
+//! One timer structure for all sessions: an ordered set of (due time, name)
+//! and one task that sleeps until the earliest entry. Setting or clearing a
+//! session's time is O(log n), and nothing polls the sessions: 100,000 idle
+//! sessions cost one sleeping task.
+//!
+//! Due times are wall-clock milliseconds. The loop never sleeps longer than
+//! [`MAX_SLEEP`], so after a suspend or a clock step it notices within that
+//! long; serving never relies on the scheduler anyway, since every `get`
+//! checks the expiry itself.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::sessions::now_ms;
+
+/// Longest sleep between looks at the wall clock.
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct Queue {
+    by_time: BTreeSet<(u64, Arc<str>)>,
+    by_name: HashMap<Arc<str>, u64>,
+}
+
+#[derive(Default)]
+pub struct Scheduler {
+    queue: Mutex<Queue>,
+    changed: Notify,
+}
+
+impl Scheduler {
+    /// Sets when `name` is next due, replacing any earlier plan.
+    pub fn schedule(&self, name: &Arc<str>, due_ms: u64) {
+        let mut queue = self.lock();
+        if let Some(old) = queue.by_name.insert(name.clone(), due_ms) {
+            queue.by_time.remove(&(old, name.clone()));
+        }
+        let is_new_first = queue
+            .by_time
+            .first()
+            .is_none_or(|(first, _)| due_ms < *first);
+        queue.by_time.insert((due_ms, name.clone()));
+        drop(queue);
+
+        if is_new_first {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Forgets `name`'s plan.
+    pub fn unschedule(&self, name: &str) {
+        let mut queue = self.lock();
+        if let Some((key, due)) = queue.by_name.remove_entry(name) {
+            queue.by_time.remove(&(due, key));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().by_name.len()
+    }
+
+    /// Takes every entry due at `now`, earliest first.
+    fn take_due(&self, now: u64) -> Vec<Arc<str>> {
+        let mut queue = self.lock();
+        let mut due = Vec::new();
+        while let Some((at, _)) = queue.by_time.first() {
+            if *at > now {
+                break;
+            }
+            let (_, name) = queue.by_time.pop_first().expect("first exists");
+            queue.by_name.remove(&name);
+            due.push(name);
+        }
+        due
+    }
+
+    fn next_due(&self) -> Option<u64> {
+        self.lock().by_time.first().map(|(at, _)| *at)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs until `shutdown`: hands each due session to `start`, at most
+    /// `limit` at once. `start` gets a permit to drop when its refresh ends.
+    pub async fn run<F>(self: Arc<Self>, limit: usize, shutdown: CancellationToken, start: F)
+    where
+        F: Fn(Arc<str>, tokio::sync::OwnedSemaphorePermit),
+    {
+        let permits = Arc::new(Semaphore::new(limit));
+        loop {
+            for name in self.take_due(now_ms()) {
+                let permit = tokio::select! {
+                    permit = permits.clone().acquire_owned() => permit.expect("never closed"),
+                    () = shutdown.cancelled() => return,
+                };
+                start(name, permit);
+            }
+
+            let wait = match self.next_due() {
+                Some(at) => Duration::from_millis(at.saturating_sub(now_ms())).min(MAX_SLEEP),
+                None => MAX_SLEEP,
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.changed.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    #[test]
+    fn entries_come_out_in_time_order_and_only_when_due() {
+        let scheduler = Scheduler::default();
+        scheduler.schedule(&name("b"), 200);
+        scheduler.schedule(&name("a"), 100);
+        scheduler.schedule(&name("c"), 300);
+
+        assert!(scheduler.take_due(99).is_empty());
+        let due: Vec<String> = scheduler
+            .take_due(250)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(due, ["a", "b"]);
+        assert_eq!(scheduler.next_due(), Some(300));
+    }
+
+    #[test]
+    fn rescheduling_replaces_the_old_time() {
+        let scheduler = Scheduler::default();
+        scheduler.schedule(&name("a"), 100);
+        scheduler.schedule(&name("a"), 500);
+        assert_eq!(scheduler.len(), 1);
+        assert!(scheduler.take_due(400).is_empty());
+        assert_eq!(scheduler.take_due(500).len(), 1);
+    }
+
+    #[test]
+    fn unscheduled_sessions_never_come_due() {
+        let scheduler = Scheduler::default();
+        scheduler.schedule(&name("a"), 100);
+        scheduler.unschedule("a");
+        assert!(scheduler.take_due(u64::MAX).is_empty());
+        assert_eq!(scheduler.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_loop_starts_due_sessions_and_honours_the_limit() {
+        let scheduler = Arc::new(Scheduler::default());
+        let now = now_ms();
+        for i in 0..10 {
+            scheduler.schedule(&Arc::from(format!("s{i}")), now);
+        }
+
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(scheduler.clone().run(3, shutdown.clone(), {
+            let started = started.clone();
+            let held = held.clone();
+            move |name, permit| {
+                started.lock().unwrap().push(name);
+                held.lock().unwrap().push(permit);
+            }
+        }));
+
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The permits are held, so only three may have started.
+        assert_eq!(started.lock().unwrap().len(), 3);
+
+        held.lock().unwrap().clear();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(started.lock().unwrap().len(), 6);
+
+        shutdown.cancel();
+        run.await.unwrap();
+    }
+}

@@ -1,0 +1,242 @@
+//! The Unix socket: binding it safely, the accept loop, and one handler per
+//! connection that frames requests and replies and forwards the rest to the
+//! [`Agent`].
+//!
+//! A connection that sends garbage gets an error reply; one that sends an
+//! oversized frame or no hello gets an error and is closed. Neither affects
+//! any other connection.
+
+use std::io::ErrorKind;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use token_agent_proto::{
+    decode, ErrorCode, ErrorReply, Request, Response, MAX_REQUEST_LEN, MAX_RESPONSE_LEN,
+    PROTOCOL_VERSION,
+};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::agent::Agent;
+
+/// How long a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds the socket at `path`: its folder owner-only, the socket 0600, a
+/// stale socket from a dead agent replaced, a live agent left alone.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    prepare_folder(folder)?;
+
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => bail!(
+            "another token-agent is already serving on {}; stop it first or pick another --socket",
+            path.display()
+        ),
+        Err(err) if err.kind() == ErrorKind::NotFound => {}
+        Err(_) => {
+            // Nothing answers: a socket left by an agent that died.
+            let metadata = std::fs::symlink_metadata(path)
+                .with_context(|| format!("cannot inspect {}", path.display()))?;
+            if !std::os::unix::fs::FileTypeExt::is_socket(&metadata.file_type()) {
+                bail!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+            tracing::info!(socket = %path.display(), "replaced a stale socket left by a stopped agent");
+        }
+    }
+
+    // The process umask (077, set in main) keeps the socket private from
+    // the moment it exists; the chmod states it plainly.
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {} owner-only", path.display()))?;
+    Ok(listener)
+}
+
+/// Creates the socket's folder 0700, or checks that an existing one is
+/// ours and not open to others.
+fn prepare_folder(folder: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(folder)
+        .with_context(|| format!("cannot create the socket folder {}", folder.display()))?;
+
+    let metadata = std::fs::metadata(folder)
+        .with_context(|| format!("cannot inspect the socket folder {}", folder.display()))?;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if metadata.uid() != uid {
+        bail!(
+            "the socket folder {} belongs to uid {}, not to this user ({uid}); refusing to use it",
+            folder.display(),
+            metadata.uid()
+        );
+    }
+    if metadata.mode() & 0o022 != 0 {
+        bail!(
+            "the socket folder {} is writable by others (mode {:o}); refusing to use it",
+            folder.display(),
+            metadata.mode() & 0o777
+        );
+    }
+    Ok(())
+}
+
+/// Accepts connections until `shutdown`, each handled in its own task.
+pub async fn serve(
+    listener: UnixListener,
+    agent: Arc<Agent>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+) {
+    let mut next_id: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                next_id += 1;
+                let span = info_span!("conn", id = next_id);
+                connections.spawn(
+                    handle_connection(stream, agent.clone(), shutdown.clone()).instrument(span),
+                );
+            }
+            Err(err) => {
+                // Out of file descriptors and the like: pause rather than
+                // spin, and keep serving the connections already open.
+                warn!(error = %err, "cannot accept a connection; pausing 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle_connection(stream: UnixStream, agent: Arc<Agent>, shutdown: CancellationToken) {
+    let (read_half, write_half) = stream.into_split();
+    let mut requests = FramedRead::new(
+        read_half,
+        LengthDelimitedCodec::builder()
+            .max_frame_length(MAX_REQUEST_LEN)
+            .new_codec(),
+    );
+    let mut replies = FramedWrite::new(
+        write_half,
+        LengthDelimitedCodec::builder()
+            .max_frame_length(MAX_RESPONSE_LEN)
+            .new_codec(),
+    );
+
+    match tokio::time::timeout(HELLO_TIMEOUT, requests.next()).await {
+        Ok(Some(Ok(frame))) => {
+            let reply = greet(&frame);
+            let accepted = matches!(reply, Response::Hello { .. });
+            if send(&mut replies, &reply).await.is_err() || !accepted {
+                return;
+            }
+        }
+        Ok(Some(Err(err))) => {
+            let _ = send(&mut replies, &frame_error(&err)).await;
+            return;
+        }
+        Ok(None) => return,
+        Err(_) => {
+            debug!("no hello within {HELLO_TIMEOUT:?}; closing");
+            return;
+        }
+    }
+
+    loop {
+        let frame = tokio::select! {
+            frame = requests.next() => frame,
+            () = shutdown.cancelled() => return,
+        };
+        let reply = match frame {
+            None => return,
+            Some(Err(err)) => {
+                // The stream cannot be resynchronised after a bad length.
+                let _ = send(&mut replies, &frame_error(&err)).await;
+                return;
+            }
+            Some(Ok(frame)) => match decode::<Request>(&frame) {
+                Ok(request) => {
+                    debug!(op = op_name(&request), "request");
+                    agent.handle(request).await
+                }
+                Err(err) => {
+                    Response::Error(ErrorReply::new(ErrorCode::BadRequest, err.to_string()))
+                }
+            },
+        };
+        if send(&mut replies, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The answer to a connection's first frame.
+fn greet(frame: &[u8]) -> Response {
+    match decode::<Request>(frame) {
+        Ok(Request::Hello { version }) if version == PROTOCOL_VERSION => Response::Hello {
+            version: PROTOCOL_VERSION,
+            agent: concat!("token-agent ", env!("CARGO_PKG_VERSION")).into(),
+        },
+        Ok(Request::Hello { version }) => Response::Error(ErrorReply::new(
+            ErrorCode::UnsupportedVersion,
+            format!("this agent speaks protocol version {PROTOCOL_VERSION}, not {version}; upgrade the older side"),
+        )),
+        Ok(_) => Response::Error(ErrorReply::new(
+            ErrorCode::BadRequest,
+            "the first message on a connection must be hello",
+        )),
+        Err(err) => Response::Error(ErrorReply::new(ErrorCode::BadRequest, err.to_string())),
+    }
+}
+
+fn frame_error(err: &std::io::Error) -> Response {
+    Response::Error(ErrorReply::new(
+        ErrorCode::BadRequest,
+        format!("unreadable frame ({err}); requests are at most {MAX_REQUEST_LEN} bytes"),
+    ))
+}
+
+async fn send(
+    replies: &mut FramedWrite<tokio::net::unix::OwnedWriteHalf, LengthDelimitedCodec>,
+    reply: &Response,
+) -> std::io::Result<()> {
+    let body = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    replies.send(Bytes::from(body)).await
+}
+
+/// The request's kind, for the debug log; never its contents.
+fn op_name(request: &Request) -> &'static str {
+    match request {
+        Request::Hello { .. } => "hello",
+        Request::Ping => "ping",
+        Request::Get { .. } => "get",
+        Request::Import(_) => "import",
+        Request::Remove { .. } => "remove",
+        Request::List => "list",
+        Request::Status { .. } => "status",
+        Request::Refresh { .. } => "refresh",
+    }
+}

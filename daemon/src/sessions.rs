@@ -1,0 +1,206 @@
+//! The in-memory view of every session: the current token, its expiry and
+//! state, and the gate that keeps one refresh per session in flight.
+//!
+//! The store is the durable copy; this view only ever holds what the store
+//! holds, or a rotated answer the store refused to take (see
+//! [`Session::unsaved`]), which is never served.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use token_agent_proto::{ErrorReply, SessionState, SessionStatus, TokenReply};
+
+use crate::store::SessionRecord;
+
+/// Now, in Unix milliseconds, from the wall clock: expiries are wall-clock
+/// deadlines, and checking them against this clock at serving time is what
+/// keeps suspend and clock steps from serving a stale token.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn to_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The outcome of one refresh attempt, kept so that callers who waited for
+/// it get the same answer without another request to the provider.
+pub type Outcome = Result<(), ErrorReply>;
+
+pub struct Session {
+    pub name: Arc<str>,
+    record: Mutex<SessionRecord>,
+    /// Held for the whole of a refresh, and by anything that replaces or
+    /// removes the session: at most one refresh per session is in flight.
+    pub gate: tokio::sync::Mutex<()>,
+    /// Completed refresh attempts. A caller that saw N before waiting at the
+    /// gate and finds more after it joined an attempt already made.
+    attempts: AtomicU64,
+    last_outcome: Mutex<Outcome>,
+    /// A rotated answer the store failed to take. The next attempt writes
+    /// it instead of presenting the refresh token it replaced.
+    pub unsaved: Mutex<Option<SessionRecord>>,
+    last_used: AtomicU64,
+    removed: AtomicBool,
+}
+
+impl Session {
+    pub fn new(record: SessionRecord) -> Session {
+        Session {
+            name: Arc::from(record.name.as_str()),
+            record: Mutex::new(record),
+            gate: tokio::sync::Mutex::new(()),
+            attempts: AtomicU64::new(0),
+            last_outcome: Mutex::new(Ok(())),
+            unsaved: Mutex::new(None),
+            last_used: AtomicU64::new(now_ms()),
+            removed: AtomicBool::new(false),
+        }
+    }
+
+    /// The current record. Callers clone what they need and let go.
+    pub fn record(&self) -> MutexGuard<'_, SessionRecord> {
+        // A panic while holding this lock cannot leave a half-written
+        // record (every update assigns whole values), so poisoning is moot.
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_record(&self, record: SessionRecord) {
+        *self.record() = record;
+    }
+
+    /// The token, if it stays valid for `min_valid_ms` more.
+    pub fn servable(&self, now: u64, min_valid_ms: u64) -> Option<TokenReply> {
+        let record = self.record();
+        let token = record.tokens.access_token.as_ref()?;
+        if record.tokens.access_expires_at <= now.saturating_add(min_valid_ms) {
+            return None;
+        }
+        Some(TokenReply {
+            access_token: token.clone(),
+            token_type: "Bearer".into(),
+            expires_at: record.tokens.access_expires_at / 1000,
+        })
+    }
+
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Acquire)
+    }
+
+    pub fn last_outcome(&self) -> Outcome {
+        self.last_outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records an attempt's outcome; callers hold the gate.
+    pub fn finish_attempt(&self, outcome: Outcome) {
+        *self.last_outcome.lock().unwrap_or_else(|e| e.into_inner()) = outcome;
+        self.attempts.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn touch(&self, now: u64) {
+        self.last_used.store(now, Ordering::Relaxed);
+    }
+
+    pub fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+
+    /// Marks the session gone; callers hold the gate.
+    pub fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    pub fn status(&self) -> SessionStatus {
+        let record = self.record();
+        let seconds = |ms: u64| ms / 1000;
+        let has_token = record.tokens.access_token.is_some();
+        SessionStatus {
+            name: record.name.clone(),
+            issuer: record.client.issuer.clone(),
+            client_id: record.client.client_id.clone(),
+            token_endpoint: record.client.token_endpoint.clone(),
+            scopes: record.client.scopes.clone(),
+            state: record.state.state,
+            state_since: seconds(record.state.since),
+            reason: record.state.reason.clone(),
+            access_expires_at: has_token.then(|| seconds(record.tokens.access_expires_at)),
+            expiry_source: record.tokens.expiry_source.filter(|_| has_token),
+            refresh_expires_at: record.tokens.refresh_expires_at.map(seconds),
+            last_refresh_at: record.last_refresh_at.map(seconds),
+            consecutive_failures: record.consecutive_failures,
+            next_refresh_at: record.next_refresh_at.map(seconds),
+            idle_timeout_secs: record.idle_timeout_secs,
+            has_refresh_token: record.tokens.refresh_token.is_some(),
+        }
+    }
+
+    /// Whether the session is in a state where refreshing cannot help
+    /// until a person acts.
+    pub fn is_stuck(&self) -> bool {
+        matches!(
+            self.record().state.state,
+            SessionState::NeedsSignIn | SessionState::ClientMisconfigured
+        )
+    }
+}
+
+/// Every session by name.
+#[derive(Default)]
+pub struct Sessions {
+    by_name: RwLock<HashMap<Arc<str>, Arc<Session>>>,
+}
+
+impl Sessions {
+    pub fn get(&self, name: &str) -> Option<Arc<Session>> {
+        self.read().get(name).cloned()
+    }
+
+    /// Adds a session, returning the one it replaced.
+    pub fn insert(&self, session: Arc<Session>) -> Option<Arc<Session>> {
+        self.write().insert(session.name.clone(), session)
+    }
+
+    /// Removes `session`, but only if it is still the one under its name.
+    pub fn remove(&self, session: &Arc<Session>) {
+        let mut map = self.write();
+        if map
+            .get(&session.name)
+            .is_some_and(|current| Arc::ptr_eq(current, session))
+        {
+            map.remove(&session.name);
+        }
+    }
+
+    /// All sessions, sorted by name.
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        let mut all: Vec<_> = self.read().values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+        self.by_name.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+        self.by_name.write().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,351 @@
+//! The session store: the only module that touches sled or the store folder.
+//!
+//! One record per session, keyed by its name. Every write is flushed before
+//! it returns: sled otherwise flushes on a timer, and a rotated refresh token
+//! that is only in memory when the process dies is lost for good.
+//!
+//! The folder also holds `lock`, which carries an exclusive `flock` for as
+//! long as the agent runs. The kernel drops it when the process dies, so a
+//! crash leaves nothing stale, and a second agent on the same store fails at
+//! once instead of refreshing the same tokens.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use token_agent_proto::{ClientAuth, ExpirySource, ProviderError, Secret, SessionState};
+
+/// The folder layout version; a store written by a later layout is refused.
+const LAYOUT_VERSION: &[u8] = b"1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store at {path} is in use by another token-agent (pid {pid})")]
+    Locked { path: PathBuf, pid: String },
+    #[error("cannot open the store at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the store at {path} is unreadable ({source}); it was left untouched")]
+    Damaged {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("the store at {path} was written by a newer token-agent (layout {found})")]
+    NewerLayout { path: PathBuf, found: String },
+    #[error("the record of session {name} is unreadable: {detail}")]
+    BadRecord { name: String, detail: String },
+    #[error("store write failed: {0}")]
+    Write(#[source] sled::Error),
+}
+
+/// What the store keeps of one session. Holds secrets: never log it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub name: String,
+    pub client: ClientConfig,
+    pub tokens: Tokens,
+    /// Counts successful refreshes; names the refresh token in use.
+    pub generation: u64,
+    /// Set, and flushed, before a refresh request is sent; cleared when its
+    /// answer is stored. Found set at start-up, it means the agent stopped
+    /// while the provider may already have rotated the refresh token.
+    pub refresh_in_flight: Option<InFlight>,
+    /// Set at start-up from `refresh_in_flight`, until the next answer.
+    #[serde(default)]
+    pub interrupted: bool,
+    pub state: StateRecord,
+    pub last_refresh_at: Option<u64>,
+    pub consecutive_failures: u32,
+    /// No earlier than this, the next attempt; the scheduler's due time.
+    pub next_refresh_at: Option<u64>,
+    pub idle_timeout_secs: Option<u64>,
+    pub created_at: u64,
+}
+
+/// Where and how to refresh.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientConfig {
+    pub issuer: String,
+    pub token_endpoint: String,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub client_auth: ClientAuth,
+    pub scopes: Vec<String>,
+}
+
+/// The tokens and their deadlines, Unix milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Tokens {
+    pub access_token: Option<Secret>,
+    pub obtained_at: u64,
+    pub access_expires_at: u64,
+    pub expiry_source: Option<ExpirySource>,
+    /// The lifetime the provider stated last, for answers that omit it.
+    pub provider_lifetime_ms: Option<u64>,
+    pub refresh_token: Option<Secret>,
+    pub refresh_expires_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InFlight {
+    pub generation: u64,
+    pub started_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateRecord {
+    pub state: SessionState,
+    pub since: u64,
+    pub reason: Option<String>,
+    pub provider_error: Option<ProviderError>,
+}
+
+pub struct Store {
+    path: PathBuf,
+    sessions: sled::Tree,
+    db: sled::Db,
+    // Held, never read: the flock lives as long as this file is open.
+    _lock: File,
+}
+
+impl Store {
+    /// Opens the store in `dir`, creating it owner-only if it is missing.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: dir.to_path_buf(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(open_err)?;
+        let lock = take_lock(dir)?;
+        check_layout(dir)?;
+
+        let db_path = dir.join("sled");
+        let db = sled::Config::new()
+            .path(&db_path)
+            // Our own flushes decide durability; the timer only adds work.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| StoreError::Damaged {
+                path: db_path.clone(),
+                source,
+            })?;
+        let sessions = db
+            .open_tree("sessions")
+            .map_err(|source| StoreError::Damaged {
+                path: db_path.clone(),
+                source,
+            })?;
+
+        Ok(Store {
+            path: dir.to_path_buf(),
+            sessions,
+            db,
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every record in the store. A record that does not parse fails the
+    /// whole load: starting without it would drop a session silently.
+    pub fn load_all(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        let mut records = Vec::with_capacity(self.sessions.len());
+        for entry in self.sessions.iter() {
+            let (key, value) = entry.map_err(|source| StoreError::Damaged {
+                path: self.path.clone(),
+                source,
+            })?;
+            let record = serde_json::from_slice(&value).map_err(|err| StoreError::BadRecord {
+                name: String::from_utf8_lossy(&key).into_owned(),
+                detail: err.to_string(),
+            })?;
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    /// Writes a record and returns once it is on disk.
+    pub async fn save(&self, record: &SessionRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(record).map_err(|err| StoreError::BadRecord {
+            name: record.name.clone(),
+            detail: err.to_string(),
+        })?;
+        self.sessions
+            .insert(record.name.as_bytes(), value)
+            .map_err(StoreError::Write)?;
+        self.flush().await
+    }
+
+    /// Deletes a record and returns once that is on disk.
+    pub async fn remove(&self, name: &str) -> Result<(), StoreError> {
+        self.sessions
+            .remove(name.as_bytes())
+            .map_err(StoreError::Write)?;
+        self.flush().await
+    }
+
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await.map_err(StoreError::Write)?;
+        Ok(())
+    }
+}
+
+/// Takes the store's exclusive lock and writes our pid into the lock file,
+/// so the error a second agent prints can name the first.
+fn take_lock(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join("lock");
+    let open_err = |source| StoreError::Open {
+        path: path.clone(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(open_err)?;
+
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(StoreError::Locked {
+                path: dir.to_path_buf(),
+                pid: if pid.is_empty() {
+                    "unknown".into()
+                } else {
+                    pid.into()
+                },
+            });
+        }
+        Err(fs::TryLockError::Error(err)) => return Err(open_err(err)),
+    }
+
+    file.set_len(0).map_err(open_err)?;
+    file.seek(SeekFrom::Start(0)).map_err(open_err)?;
+    writeln!(file, "{}", std::process::id()).map_err(open_err)?;
+    file.sync_all().map_err(open_err)?;
+    Ok(file)
+}
+
+/// Records the layout version in a new store and refuses a newer one.
+fn check_layout(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join("layout");
+    match fs::read(&path) {
+        Ok(found) if found.trim_ascii() == LAYOUT_VERSION => Ok(()),
+        Ok(found) => Err(StoreError::NewerLayout {
+            path: dir.to_path_buf(),
+            found: String::from_utf8_lossy(&found).trim().to_string(),
+        }),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => fs::write(&path, LAYOUT_VERSION)
+            .and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(0o600)))
+            .map_err(|source| StoreError::Open { path, source }),
+        Err(source) => Err(StoreError::Open { path, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record(name: &str) -> SessionRecord {
+        SessionRecord {
+            name: name.into(),
+            client: ClientConfig {
+                issuer: "https://id.example".into(),
+                token_endpoint: "https://id.example/token".into(),
+                client_id: "cli".into(),
+                client_secret: None,
+                client_auth: ClientAuth::None,
+                scopes: vec![],
+            },
+            tokens: Tokens {
+                refresh_token: Some(Secret::new("rt-1")),
+                ..Tokens::default()
+            },
+            generation: 0,
+            refresh_in_flight: None,
+            interrupted: false,
+            state: StateRecord {
+                state: SessionState::Fresh,
+                since: 0,
+                reason: None,
+                provider_error: None,
+            },
+            last_refresh_at: None,
+            consecutive_failures: 0,
+            next_refresh_at: None,
+            idle_timeout_secs: None,
+            created_at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.save(&record("work")).await.unwrap();
+            store.save(&record("home")).await.unwrap();
+            store.remove("home").await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let records = store.load_all().unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].name, "work");
+        assert_eq!(
+            records[0].tokens.refresh_token.as_ref().unwrap().expose(),
+            "rt-1"
+        );
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_store_names_the_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let second = Store::open(dir.path());
+        match second {
+            Err(StoreError::Locked { pid, .. }) => {
+                assert_eq!(pid, std::process::id().to_string())
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(_) => panic!("second open succeeded"),
+        }
+    }
+
+    #[test]
+    fn the_store_folder_is_owner_only() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("store");
+        let _store = Store::open(&dir).unwrap();
+        let mode = fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_newer_layout_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("layout"), b"99").unwrap();
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::NewerLayout { .. })
+        ));
+        assert_eq!(fs::read(dir.path().join("layout")).unwrap(), b"99");
+    }
+}

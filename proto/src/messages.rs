@@ -1,0 +1,320 @@
+//! Requests, responses and the shapes inside them.
+//!
+//! Times are whole seconds since the Unix epoch (UTC); durations are whole
+//! seconds. Unknown fields are ignored so that a newer peer may add optional
+//! fields without a version bump.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Secret;
+
+/// A client's request. The `op` field names the variant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Must be the first frame on a connection.
+    Hello { version: u32 },
+    /// Answered by [`Response::Pong`].
+    Ping,
+    /// A current access token for the session, valid for at least
+    /// `min_valid_secs` more seconds. Refreshes first if it must.
+    Get {
+        name: String,
+        #[serde(default)]
+        min_valid_secs: u64,
+    },
+    /// Adds a session from a refresh token obtained elsewhere. The agent
+    /// refreshes at once, so a bad token or client is reported right away.
+    Import(ImportSession),
+    /// Forgets a session and its tokens.
+    Remove { name: String },
+    /// Every session's status.
+    List,
+    /// One session's status.
+    Status { name: String },
+    /// Refreshes now, whatever the schedule says.
+    Refresh { name: String },
+}
+
+/// How the client authenticates itself at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// `client_secret_basic`: the secret in an HTTP Basic header. The
+    /// default when a secret is given, as RFC 6749 asks servers to support it.
+    #[default]
+    Basic,
+    /// `client_secret_post`: the secret in the form body.
+    Post,
+    /// A public client: `client_id` in the body, no secret.
+    None,
+}
+
+/// Everything needed to add a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportSession {
+    pub name: String,
+    pub issuer: String,
+    /// When absent, the agent reads it from the issuer's discovery document.
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    pub client_id: String,
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    pub refresh_token: Secret,
+    /// Refresh ahead of expiry only while the session was asked for within
+    /// this many seconds; an idle session lapses and is refreshed on its next
+    /// `get`. Absent: always keep it fresh.
+    #[serde(default)]
+    pub idle_timeout_secs: Option<u64>,
+    /// Replace a session of the same name instead of failing.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// The agent's answer to one request. The `kind` field names the variant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Response {
+    Hello {
+        version: u32,
+        agent: String,
+    },
+    Pong,
+    Token(TokenReply),
+    Sessions {
+        sessions: Vec<SessionStatus>,
+    },
+    Status {
+        session: SessionStatus,
+    },
+    /// The request was carried out; the message says what happened.
+    Done {
+        message: String,
+    },
+    Error(ErrorReply),
+}
+
+/// An access token ready to use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenReply {
+    pub access_token: Secret,
+    /// Always the canonical `Bearer`; other token types are never served.
+    pub token_type: String,
+    /// When the token stops being valid, by the agent's clock.
+    pub expires_at: u64,
+}
+
+/// Where a session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// Holds a valid token; the next refresh is scheduled.
+    Fresh,
+    /// A refresh is in flight.
+    Refreshing,
+    /// The last refresh failed for a passing reason (network, 5xx, 429);
+    /// another attempt is scheduled. The token is served while valid.
+    Retrying,
+    /// The provider refused the refresh token; only a new sign-in helps.
+    NeedsSignIn,
+    /// The provider refused the client (`invalid_client` and kin); nothing
+    /// is retried until the session is imported again with a fixed client.
+    ClientMisconfigured,
+}
+
+/// Where a session's access-token expiry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpirySource {
+    /// The provider's `expires_in`.
+    Provider,
+    /// Absent from the answer: the lifetime the provider gave last time.
+    PreviousLifetime,
+    /// Absent from the answer: `exp - iat` of the JWT access token.
+    Jwt,
+    /// Absent everywhere: the agent's configured default lifetime.
+    Default,
+}
+
+/// A session as `list` and `status` show it. Holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStatus {
+    pub name: String,
+    pub issuer: String,
+    pub client_id: String,
+    pub token_endpoint: String,
+    pub scopes: Vec<String>,
+    pub state: SessionState,
+    /// When the session entered its state.
+    pub state_since: u64,
+    /// Why, for every state but `fresh`.
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub access_expires_at: Option<u64>,
+    #[serde(default)]
+    pub expiry_source: Option<ExpirySource>,
+    /// The refresh token's own deadline, when the provider gives one.
+    #[serde(default)]
+    pub refresh_expires_at: Option<u64>,
+    #[serde(default)]
+    pub last_refresh_at: Option<u64>,
+    pub consecutive_failures: u32,
+    /// When the agent will refresh next; absent when nothing is scheduled.
+    #[serde(default)]
+    pub next_refresh_at: Option<u64>,
+    #[serde(default)]
+    pub idle_timeout_secs: Option<u64>,
+    pub has_refresh_token: bool,
+}
+
+/// A failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    /// A sentence for a person: what went wrong and what to do.
+    pub message: String,
+    /// The provider's own error, when the provider caused this.
+    #[serde(default)]
+    pub provider_error: Option<ProviderError>,
+    /// When a retry may succeed, for `temporarily_unavailable`.
+    #[serde(default)]
+    pub retry_at: Option<u64>,
+}
+
+/// The OAuth error a provider answered with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderError {
+    /// The OAuth `error` code, e.g. `invalid_grant`.
+    pub error: String,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// Stable, machine-readable error codes. New codes may be added; a client
+/// treats an unknown code like `internal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request could not be read or makes no sense.
+    BadRequest,
+    /// The client speaks a protocol version the agent does not.
+    UnsupportedVersion,
+    /// No session has that name.
+    NoSuchSession,
+    /// A session of that name exists and `replace` was not set.
+    SessionExists,
+    /// The refresh token was refused or is gone: sign in again.
+    ReauthRequired,
+    /// The provider refused the client's credentials or configuration.
+    ClientMisconfigured,
+    /// The provider refused the request for another stated reason.
+    ProviderRejected,
+    /// The provider cannot be reached or answered garbage; the agent retries.
+    TemporarilyUnavailable,
+    /// The token's lifetime is shorter than the validity asked for.
+    InsufficientValidity,
+    /// The agent could not read or write its store.
+    StoreFailed,
+    /// The agent is stopping.
+    ShuttingDown,
+    #[serde(other)]
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::NoSuchSession => "no_such_session",
+            ErrorCode::SessionExists => "session_exists",
+            ErrorCode::ReauthRequired => "reauth_required",
+            ErrorCode::ClientMisconfigured => "client_misconfigured",
+            ErrorCode::ProviderRejected => "provider_rejected",
+            ErrorCode::TemporarilyUnavailable => "temporarily_unavailable",
+            ErrorCode::InsufficientValidity => "insufficient_validity",
+            ErrorCode::StoreFailed => "store_failed",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorReply {
+            code,
+            message: message.into(),
+            provider_error: None,
+            retry_at: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_the_documented_json_shape() {
+        let json = serde_json::to_value(Request::Get {
+            name: "work".into(),
+            min_valid_secs: 60,
+        })
+        .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"op": "get", "name": "work", "min_valid_secs": 60})
+        );
+
+        let minimal: Request = serde_json::from_str(r#"{"op":"get","name":"w"}"#).unwrap();
+        assert_eq!(
+            minimal,
+            Request::Get {
+                name: "w".into(),
+                min_valid_secs: 0
+            }
+        );
+    }
+
+    #[test]
+    fn errors_carry_a_stable_code() {
+        let reply = Response::Error(ErrorReply::new(ErrorCode::ReauthRequired, "sign in"));
+        let json = serde_json::to_value(&reply).unwrap();
+        assert_eq!(json["kind"], "error");
+        assert_eq!(json["code"], ErrorCode::ReauthRequired.as_str());
+    }
+
+    #[test]
+    fn an_unknown_error_code_reads_as_internal() {
+        let reply: ErrorReply =
+            serde_json::from_str(r#"{"code":"from_the_future","message":"m"}"#).unwrap();
+        assert_eq!(reply.code, ErrorCode::Internal);
+    }
+
+    #[test]
+    fn import_debug_output_hides_the_secrets() {
+        let import = ImportSession {
+            name: "work".into(),
+            issuer: "https://id.example".into(),
+            token_endpoint: None,
+            client_id: "cli".into(),
+            client_secret: Some(Secret::new("client-secret-value")),
+            client_auth: ClientAuth::Basic,
+            scopes: vec![],
+            refresh_token: Secret::new("refresh-token-value"),
+            idle_timeout_secs: None,
+            replace: false,
+        };
+        let debug = format!("{:?}", Request::Import(import));
+        assert!(!debug.contains("client-secret-value"));
+        assert!(!debug.contains("refresh-token-value"));
+    }
+}
