@@ -59,7 +59,17 @@ impl ClientError {
 
 impl From<FrameError> for ClientError {
     fn from(err: FrameError) -> Self {
-        ClientError::Protocol(err.to_string())
+        match err {
+            FrameError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                ClientError::Protocol("the agent did not answer in time".into())
+            }
+            other => ClientError::Protocol(other.to_string()),
+        }
     }
 }
 

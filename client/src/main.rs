@@ -277,10 +277,10 @@ fn human(seconds: u64) -> String {
 /// "in 4m 10s" or "3m ago".
 fn relative(at: u64) -> String {
     let now = now();
-    if at >= now {
-        format!("in {}", human(at - now))
-    } else {
-        format!("{} ago", human(now - at))
+    match at.cmp(&now) {
+        std::cmp::Ordering::Greater => format!("in {}", human(at - now)),
+        std::cmp::Ordering::Equal => "just now".into(),
+        std::cmp::Ordering::Less => format!("{} ago", human(now - at)),
     }
 }
 

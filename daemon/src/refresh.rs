@@ -401,10 +401,7 @@ fn still_needed(session: &Session, trigger: Trigger) -> bool {
         Trigger::Demand { min_valid_ms } => session.servable(now, min_valid_ms).is_none(),
         // A refresh on demand may have moved the plan since this entry was
         // taken from the queue.
-        Trigger::Scheduled => {
-            let record = session.record();
-            !session.is_stuck() && record.next_refresh_at.is_some_and(|at| at <= now)
-        }
+        Trigger::Scheduled => !session.is_stuck() && session.is_due(now),
     }
 }
 

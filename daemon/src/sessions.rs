@@ -148,6 +148,11 @@ impl Session {
         }
     }
 
+    /// Whether the planned refresh time has come.
+    pub fn is_due(&self, now: u64) -> bool {
+        self.record().next_refresh_at.is_some_and(|at| at <= now)
+    }
+
     /// Whether the session is in a state where refreshing cannot help
     /// until a person acts.
     pub fn is_stuck(&self) -> bool {
