@@ -36,9 +36,6 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    /// The socket path could not be worked out.
-    #[error("{0}")]
-    NoSocketPath(String),
     /// The agent answered with an error.
     #[error("{}", .0.message)]
     Agent(ErrorReply),
@@ -73,21 +70,10 @@ impl From<FrameError> for ClientError {
     }
 }
 
-/// The socket path a client uses when none is given: `$TOKEN_AGENT_SOCK`,
-/// else `$XDG_RUNTIME_DIR/token-agent/agent.sock`.
-pub fn default_socket_path() -> Result<PathBuf, ClientError> {
-    let from_env = |name| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(path) = from_env("TOKEN_AGENT_SOCK") {
-        return Ok(PathBuf::from(path));
-    }
-    match from_env("XDG_RUNTIME_DIR") {
-        Some(runtime) => Ok(PathBuf::from(runtime).join("token-agent/agent.sock")),
-        None => Err(ClientError::NoSocketPath(
-            "neither TOKEN_AGENT_SOCK nor XDG_RUNTIME_DIR is set, so the agent's socket is \
-             unknown; set TOKEN_AGENT_SOCK"
-                .into(),
-        )),
-    }
+/// The socket path a client uses when none is given; see
+/// [`token_agent_proto::default_socket_path`].
+pub fn default_socket_path() -> PathBuf {
+    token_agent_proto::default_socket_path()
 }
 
 /// One connection to the agent. Requests on it are answered in order.
@@ -98,7 +84,7 @@ pub struct Client {
 impl Client {
     /// Connects to the default socket; see [`default_socket_path`].
     pub fn connect_default() -> Result<Client, ClientError> {
-        Client::connect(&default_socket_path()?)
+        Client::connect(&default_socket_path())
     }
 
     /// Connects to the agent at `path` and agrees on the protocol version.

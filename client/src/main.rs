@@ -24,7 +24,8 @@ use token_agent_client::{default_socket_path, Client, ClientError};
     about = "Ask token-agent for tokens and manage its sessions"
 )]
 struct Cli {
-    /// The agent's socket [default: $TOKEN_AGENT_SOCK, else $XDG_RUNTIME_DIR/token-agent/agent.sock]
+    /// The agent's socket [default: $TOKEN_AGENT_SOCK, else
+    /// $XDG_RUNTIME_DIR/token-agent/agent.sock, else /tmp/token-agent-$UID/agent.sock]
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
 
@@ -114,7 +115,7 @@ struct Failure {
 impl From<ClientError> for Failure {
     fn from(err: ClientError) -> Self {
         let exit_code = match &err {
-            ClientError::NoAgent { .. } | ClientError::NoSocketPath(_) => 3,
+            ClientError::NoAgent { .. } => 3,
             ClientError::Agent(reply) => match reply.code {
                 ErrorCode::NoSuchSession => 4,
                 ErrorCode::ReauthRequired => 5,
@@ -147,7 +148,7 @@ fn failure(message: String) -> Failure {
 fn run(cli: Cli) -> Result<(), Failure> {
     let socket = match cli.socket {
         Some(path) => path,
-        None => default_socket_path()?,
+        None => default_socket_path(),
     };
     // Read secrets before connecting, so a typo in a path fails fast.
     let import = match &cli.command {

@@ -13,8 +13,8 @@ use crate::schedule::Timing;
 #[derive(Debug, Parser)]
 #[command(name = "token-agent", version)]
 pub struct Args {
-    /// The Unix socket to serve on.
-    /// [default: $XDG_RUNTIME_DIR/token-agent/agent.sock]
+    /// The Unix socket to serve on. [default: $XDG_RUNTIME_DIR/token-agent/agent.sock,
+    /// else /tmp/token-agent-$UID/agent.sock]
     #[arg(long, env = "TOKEN_AGENT_SOCK", value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
@@ -91,7 +91,7 @@ impl Args {
 
         let socket = match &self.socket {
             Some(path) => path.clone(),
-            None => default_socket_path()?,
+            None => token_agent_proto::default_socket_path(),
         };
         let store_dir = match &self.store_dir {
             Some(path) => path.clone(),
@@ -126,18 +126,6 @@ fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name)
         .filter(|value| !value.is_empty())
         .map(PathBuf::from)
-}
-
-/// `$XDG_RUNTIME_DIR/token-agent/agent.sock`. The runtime folder is private
-/// to the user and cleared at logout, which is what a socket wants.
-pub fn default_socket_path() -> anyhow::Result<PathBuf> {
-    match env_path("XDG_RUNTIME_DIR") {
-        Some(runtime) => Ok(runtime.join("token-agent").join("agent.sock")),
-        None => anyhow::bail!(
-            "XDG_RUNTIME_DIR is not set, so there is no default socket path: \
-             pass --socket or set TOKEN_AGENT_SOCK"
-        ),
-    }
 }
 
 /// `$XDG_STATE_HOME/token-agent`, else `~/.local/state/token-agent`.

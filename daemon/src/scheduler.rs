@@ -63,6 +63,10 @@ impl Scheduler {
         self.lock().by_name.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Takes every entry due at `now`, earliest first.
     fn take_due(&self, now: u64) -> Vec<Arc<str>> {
         let mut queue = self.lock();

@@ -201,6 +201,10 @@ impl Sessions {
         self.read().len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
         self.by_name.read().unwrap_or_else(|e| e.into_inner())
     }

@@ -261,7 +261,7 @@ fn check_layout(dir: &Path) -> Result<(), StoreError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn record(name: &str) -> SessionRecord {

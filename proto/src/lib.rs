@@ -37,6 +37,25 @@ pub use secret::Secret;
 /// misread bumps it.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Where the agent listens and clients connect when nothing else is said:
+/// `$TOKEN_AGENT_SOCK`, else `$XDG_RUNTIME_DIR/token-agent/agent.sock`, else
+/// `/tmp/token-agent-$UID/agent.sock` (for hosts without a runtime folder;
+/// the agent refuses that folder if another user made it first).
+pub fn default_socket_path() -> std::path::PathBuf {
+    use std::path::PathBuf;
+
+    let from_env = |name| std::env::var_os(name).filter(|value| !value.is_empty());
+    if let Some(path) = from_env("TOKEN_AGENT_SOCK") {
+        return PathBuf::from(path);
+    }
+    if let Some(runtime) = from_env("XDG_RUNTIME_DIR") {
+        return PathBuf::from(runtime).join("token-agent/agent.sock");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir().join(format!("token-agent-{uid}/agent.sock"))
+}
+
 /// Longest session name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 

@@ -21,7 +21,11 @@ fn generation_count(provider: &Provider) -> u64 {
 
 fn assert_no_replay(provider: &Provider) {
     let stats = provider.stats();
-    assert_eq!(stats["replays"], Value::from(0), "a refresh token was presented twice: {stats}");
+    assert_eq!(
+        stats["replays"],
+        Value::from(0),
+        "a refresh token was presented twice: {stats}"
+    );
 }
 
 #[test]
@@ -39,12 +43,19 @@ fn a_session_stays_alive_across_ten_rotations_and_every_token_is_accepted() {
         let token = ws.tokenctl_ok(&["get", "work"]).trim().to_string();
         assert!(!token.is_empty());
         if seen.insert(token.clone()) {
-            assert!(provider.is_active(&token), "the agent served a token the provider refuses");
+            assert!(
+                provider.is_active(&token),
+                "the agent served a token the provider refuses"
+            );
         }
         std::thread::sleep(Duration::from_millis(300));
     }
 
-    assert!(seen.len() >= 10, "only {} distinct tokens served", seen.len());
+    assert!(
+        seen.len() >= 10,
+        "only {} distinct tokens served",
+        seen.len()
+    );
     assert_no_replay(&provider);
     let status = ws.tokenctl_ok(&["status", "work"]);
     assert!(status.contains("state:          fresh"), "{status}");
@@ -59,21 +70,31 @@ fn a_killed_agent_comes_back_with_every_session_and_keeps_refreshing() {
     ws.import(&provider, "beta", &[]);
 
     // Let a few rotations happen, then kill without warning.
-    wait_until(Duration::from_secs(30), "three more rotations", || generation_count(&provider) >= 5);
+    wait_until(Duration::from_secs(30), "three more rotations", || {
+        generation_count(&provider) >= 5
+    });
     agent.kill_hard();
 
     let _agent = ws.start_agent(&[]);
     let listed = ws.tokenctl_ok(&["list"]);
-    assert!(listed.contains("alpha") && listed.contains("beta"), "{listed}");
+    assert!(
+        listed.contains("alpha") && listed.contains("beta"),
+        "{listed}"
+    );
 
     // Both sessions keep rotating after the restart, and their tokens work.
     let before = generation_count(&provider);
-    wait_until(Duration::from_secs(30), "four rotations after the restart", || {
-        generation_count(&provider) >= before + 4
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "four rotations after the restart",
+        || generation_count(&provider) >= before + 4,
+    );
     for name in ["alpha", "beta"] {
         let token = ws.tokenctl_ok(&["get", name, "--min-valid", "1s"]);
-        assert!(provider.is_active(token.trim()), "{name}'s token is refused after the restart");
+        assert!(
+            provider.is_active(token.trim()),
+            "{name}'s token is refused after the restart"
+        );
     }
     assert_no_replay(&provider);
 }
@@ -90,10 +111,16 @@ fn second_daemon_on_same_store_refuses_to_start() {
     assert!(!status.success());
     let log = second.log_text();
     assert!(
-        log.contains(&format!("in use by another token-agent (pid {})", first.pid())),
+        log.contains(&format!(
+            "in use by another token-agent (pid {})",
+            first.pid()
+        )),
         "the refusal does not name the first agent: {log}"
     );
-    assert!(!other_socket.exists(), "the second agent bound a socket before refusing");
+    assert!(
+        !other_socket.exists(),
+        "the second agent bound a socket before refusing"
+    );
 }
 
 #[test]
@@ -105,7 +132,11 @@ fn a_live_agent_keeps_its_socket_and_a_stale_socket_is_replaced() {
     let other_store = ws.dir.path().join("store2");
     let mut second = ws.spawn_agent_on(&ws.socket(), &other_store, &[]);
     assert!(!second.child.wait().unwrap().success());
-    assert!(second.log_text().contains("already serving"), "{}", second.log_text());
+    assert!(
+        second.log_text().contains("already serving"),
+        "{}",
+        second.log_text()
+    );
     ws.tokenctl_ok(&["ping"]);
 
     // A dead agent's socket file is left behind by SIGKILL; a new agent
@@ -168,13 +199,21 @@ fn a_revoked_grant_surfaces_as_needs_sign_in() {
     // The agent's next refresh is refused; `get` then says sign in again
     // and exits with its own code, without hanging.
     let output = ws.tokenctl(&["refresh", "stolen"]);
-    assert_eq!(output.status.code(), Some(5), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let started = Instant::now();
     let output = ws.tokenctl(&["get", "stolen"]);
     assert_eq!(output.status.code(), Some(5));
     assert!(started.elapsed() < Duration::from_secs(5));
     let message = String::from_utf8_lossy(&output.stderr);
-    assert!(message.contains("needs a new sign-in") && message.contains("invalid_grant"), "{message}");
+    assert!(
+        message.contains("needs a new sign-in") && message.contains("invalid_grant"),
+        "{message}"
+    );
 
     let mut client = Client::connect(&ws.socket()).unwrap();
     let status = client.status("stolen").unwrap();
@@ -213,6 +252,12 @@ fn tokenctl_exit_codes_tell_the_cases_apart() {
     let _agent = ws.start_agent(&[]);
     let output = ws.tokenctl(&["get", "nothing-here"]);
     assert_eq!(output.status.code(), Some(4));
-    assert!(output.stdout.is_empty(), "an error must not print a token-like line");
-    assert_eq!(ws.tokenctl(&["get", "../etc/passwd"]).status.code(), Some(1));
+    assert!(
+        output.stdout.is_empty(),
+        "an error must not print a token-like line"
+    );
+    assert_eq!(
+        ws.tokenctl(&["get", "../etc/passwd"]).status.code(),
+        Some(1)
+    );
 }

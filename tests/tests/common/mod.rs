@@ -76,7 +76,14 @@ impl Provider {
         command
             .arg("sign-in.mjs")
             .current_dir(provider_dir())
-            .args(["--issuer", &self.issuer, "--client-id", client_id, "--login", login]);
+            .args([
+                "--issuer",
+                &self.issuer,
+                "--client-id",
+                client_id,
+                "--login",
+                login,
+            ]);
         if let Some(secret) = client_secret {
             command.args(["--client-secret", secret]);
         }
@@ -112,7 +119,10 @@ impl Provider {
 
     /// Presents a refresh token directly, as a stray second holder would.
     pub fn refresh_directly(&self, refresh_token: &str) -> Value {
-        let body = format!("grant_type=refresh_token&refresh_token={}", form_encode(refresh_token));
+        let body = format!(
+            "grant_type=refresh_token&refresh_token={}",
+            form_encode(refresh_token)
+        );
         self.http(
             "POST",
             "/token",
@@ -145,7 +155,10 @@ impl Provider {
         stream.read_to_end(&mut response).unwrap();
         let text = String::from_utf8_lossy(&response);
         let (head, rest) = text.split_once("\r\n\r\n").expect("HTTP head");
-        let rest = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let rest = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
             dechunk(rest)
         } else {
             rest.to_string()
@@ -179,7 +192,9 @@ fn form_encode(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -218,7 +233,10 @@ impl Workspace {
         let agent = self.spawn_agent(extra);
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(self.socket()).is_err() {
-            assert!(Instant::now() < deadline, "the agent did not start listening");
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not start listening"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         agent
@@ -326,7 +344,10 @@ impl Agent {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "the agent did not stop after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not stop after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
