@@ -221,6 +221,9 @@ fn import_request(args: &ImportArgs) -> Result<ImportSession, Failure> {
         client_auth,
         scopes: args.scopes.clone(),
         refresh_token,
+        access_token: None,
+        expires_in: None,
+        refresh_expires_in: None,
         idle_timeout_secs: args.idle_timeout.map(|d| d.as_secs()),
         replace: args.replace,
     })

@@ -11,6 +11,7 @@ use token_agent_proto::{
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 
+use crate::oauth::TokenAnswer;
 use crate::refresh::{
     insufficient_validity, no_such_session, reauth_error, token_or_error, Refresher, Trigger,
 };
@@ -169,7 +170,7 @@ impl Agent {
         Ok(())
     }
 
-    async fn import(&self, import: ImportSession) -> Result<String, ErrorReply> {
+    async fn import(&self, mut import: ImportSession) -> Result<String, ErrorReply> {
         check_import(&import)?;
         let _one_at_a_time = self.import_lock.lock().await;
 
@@ -202,15 +203,20 @@ impl Agent {
             let _gate = old.gate.lock().await;
             old.mark_removed();
         }
+        let issued = take_issued_tokens(&mut import);
         let session = Arc::new(Session::new(new_record(import, token_endpoint)));
         self.sessions.insert(session.clone());
         self.refresher.scheduler.unschedule(&name);
 
-        match self
-            .refresher
-            .refresh(session.clone(), Trigger::Forced)
-            .await
-        {
+        let outcome = match issued {
+            Some(tokens) => self.refresher.adopt(&session, tokens).await,
+            None => {
+                self.refresher
+                    .refresh(session.clone(), Trigger::Forced)
+                    .await
+            }
+        };
+        match outcome {
             Ok(()) => {
                 info!(session = %name, "session imported");
                 let expires = session.status().access_expires_at.unwrap_or(0);
@@ -332,6 +338,21 @@ fn check_import(import: &ImportSession) -> Result<(), ErrorReply> {
         }
         _ => Ok(()),
     }
+}
+
+/// The tokens a caller brought from its own sign-in, as if a refresh had
+/// just answered with them.
+fn take_issued_tokens(import: &mut ImportSession) -> Option<TokenAnswer> {
+    let access_token = import.access_token.take()?;
+    Some(TokenAnswer {
+        access_token,
+        token_type: "bearer".into(),
+        expires_in: import.expires_in.map(|s| s.min(i64::MAX as u64) as i64),
+        refresh_token: None,
+        refresh_expires_in: import
+            .refresh_expires_in
+            .map(|s| s.min(i64::MAX as u64) as i64),
+    })
 }
 
 fn new_record(import: ImportSession, token_endpoint: String) -> SessionRecord {

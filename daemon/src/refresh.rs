@@ -193,6 +193,25 @@ impl Refresher {
         Ok(())
     }
 
+    /// Stores tokens the importer obtained itself (at sign-in) as the
+    /// session's first generation, without asking the provider.
+    pub async fn adopt(&self, session: &Session, tokens: TokenAnswer) -> Outcome {
+        let _gate = session.gate.lock().await;
+        let mut record = session.record().clone();
+        let now = now_ms();
+        apply_answer(&mut record, tokens, now, &self.timing);
+        record.last_refresh_at = Some(now);
+        record.next_refresh_at = Some(self.next_refresh(&record));
+        set_state(&mut record, SessionState::Fresh, now, None, None);
+
+        self.store
+            .save(&record)
+            .await
+            .map_err(|err| store_error(&err))?;
+        self.install(session, record);
+        Ok(())
+    }
+
     /// Writes an answer a failed write left in memory.
     async fn write_pending(&self, session: &Session, record: SessionRecord) -> Outcome {
         if let Err(err) = self.store.save(&record).await {

@@ -66,6 +66,17 @@ pub struct ImportSession {
     #[serde(default)]
     pub scopes: Vec<String>,
     pub refresh_token: Secret,
+    /// The access token issued together with `refresh_token`, when the
+    /// caller has one (a web app right after sign-in). With it the agent
+    /// stores the tokens as they are instead of refreshing at once.
+    #[serde(default)]
+    pub access_token: Option<Secret>,
+    /// The provider's `expires_in` for `access_token`, in seconds.
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+    /// The provider's `refresh_expires_in`, in seconds, when it gave one.
+    #[serde(default)]
+    pub refresh_expires_in: Option<u64>,
     /// Refresh ahead of expiry only while the session was asked for within
     /// this many seconds; an idle session lapses and is refreshed on its next
     /// `get`. Absent: always keep it fresh.
@@ -310,6 +321,9 @@ mod tests {
             client_auth: ClientAuth::Basic,
             scopes: vec![],
             refresh_token: Secret::new("refresh-token-value"),
+            access_token: None,
+            expires_in: None,
+            refresh_expires_in: None,
             idle_timeout_secs: None,
             replace: false,
         };
