@@ -20,7 +20,7 @@ use std::time::Duration;
 pub use token_agent_proto as proto;
 use token_agent_proto::{
     read_frame, write_frame, ErrorCode, ErrorReply, FrameError, ImportSession, Request, Response,
-    SessionStatus, TokenReply, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, PROTOCOL_VERSION,
+    Secret, SessionStatus, TokenReply, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, PROTOCOL_VERSION,
 };
 
 /// How long a request may take by default. A `get` can wait for a refresh,
@@ -114,8 +114,15 @@ impl Client {
     /// Sends one request and reads its answer. An error answer becomes
     /// [`ClientError::Agent`].
     pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
-        write_frame(&mut self.stream, request, MAX_REQUEST_LEN)?;
-        match read_frame(&mut self.stream, MAX_RESPONSE_LEN)? {
+        let written = write_frame(&mut self.stream, request, MAX_REQUEST_LEN);
+        let answer = read_frame(&mut self.stream, MAX_RESPONSE_LEN);
+        // An agent that refuses us may close before our write lands; its
+        // error frame is still worth more than the broken pipe.
+        let answer = match (written, answer) {
+            (_, Ok(answer)) => answer,
+            (Err(err), Err(_)) | (Ok(()), Err(err)) => return Err(err.into()),
+        };
+        match answer {
             Response::Error(reply) => Err(ClientError::Agent(reply)),
             response => Ok(response),
         }
@@ -135,7 +142,7 @@ impl Client {
 
     /// Adds a session; the agent refreshes it at once.
     pub fn import(&mut self, session: ImportSession) -> Result<String, ClientError> {
-        self.done(&Request::Import(session))
+        self.done(&Request::Import(Box::new(session)))
     }
 
     pub fn remove(&mut self, name: &str) -> Result<String, ClientError> {
@@ -159,6 +166,15 @@ impl Client {
             Response::Status { session } => Ok(session),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Locks the agent: no tokens are served until [`Client::unlock`].
+    pub fn lock(&mut self, passphrase: Secret) -> Result<String, ClientError> {
+        self.done(&Request::Lock { passphrase })
+    }
+
+    pub fn unlock(&mut self, passphrase: Secret) -> Result<String, ClientError> {
+        self.done(&Request::Unlock { passphrase })
     }
 
     pub fn ping(&mut self) -> Result<(), ClientError> {

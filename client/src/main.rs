@@ -4,7 +4,8 @@
 //! 0 done; 1 any other error; 2 bad usage; 3 no agent running;
 //! 4 no such session; 5 the session needs a new sign-in;
 //! 6 the provider cannot be reached (the agent keeps retrying);
-//! 7 the provider refuses the client configuration.
+//! 7 the provider refuses the client configuration; 8 the agent is locked;
+//! 9 permission denied (another user, a session rule, a wrong passphrase).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -55,6 +56,11 @@ enum Command {
     Refresh { name: String },
     /// Check that the agent answers.
     Ping,
+    /// Stop serving tokens until unlocked (refreshes go on). The passphrase
+    /// is read from the terminal without echo, or from standard input.
+    Lock,
+    /// Serve tokens again.
+    Unlock,
 }
 
 #[derive(clap::Args)]
@@ -84,6 +90,10 @@ struct ImportArgs {
     /// idle session lapses and is refreshed on its next `get`.
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
+    /// Remove the session after this long (e.g. 8h), revoking its refresh
+    /// token where the provider offers revocation.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    lifetime: Option<Duration>,
     /// Replace a session of the same name.
     #[arg(long)]
     replace: bool,
@@ -121,6 +131,8 @@ impl From<ClientError> for Failure {
                 ErrorCode::ReauthRequired => 5,
                 ErrorCode::TemporarilyUnavailable => 6,
                 ErrorCode::ClientMisconfigured => 7,
+                ErrorCode::Locked => 8,
+                ErrorCode::PermissionDenied => 9,
                 _ => 1,
             },
             ClientError::Protocol(_) => 1,
@@ -155,6 +167,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Import(args) => Some(import_request(args)?),
         _ => None,
     };
+    let passphrase = match &cli.command {
+        Command::Lock => Some(read_passphrase(true)?),
+        Command::Unlock => Some(read_passphrase(false)?),
+        _ => None,
+    };
     let mut agent = Client::connect(&socket)?;
     let mut out = std::io::stdout().lock();
 
@@ -185,6 +202,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             agent.ping()?;
             writeln!(out, "the agent at {} answers", socket.display())
         }
+        Command::Lock => writeln!(out, "{}", agent.lock(passphrase.expect("read above"))?),
+        Command::Unlock => writeln!(out, "{}", agent.unlock(passphrase.expect("read above"))?),
     };
     printed.map_err(|err| failure(format!("cannot write the output: {err}")))
 }
@@ -225,6 +244,7 @@ fn import_request(args: &ImportArgs) -> Result<ImportSession, Failure> {
         expires_in: None,
         refresh_expires_in: None,
         idle_timeout_secs: args.idle_timeout.map(|d| d.as_secs()),
+        lifetime_secs: args.lifetime.map(|d| d.as_secs()),
         replace: args.replace,
     })
 }
@@ -252,6 +272,36 @@ fn read_secret(path: &PathBuf, what: &str) -> Result<Secret, Failure> {
         )));
     }
     Ok(secret)
+}
+
+/// The lock passphrase: from the terminal without echo (twice when
+/// locking), or one line of standard input for scripts.
+fn read_passphrase(confirm: bool) -> Result<Secret, Failure> {
+    use std::io::IsTerminal;
+
+    let read_err = |err: std::io::Error| failure(format!("cannot read the passphrase: {err}"));
+    let passphrase = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Passphrase: ").map_err(read_err)?;
+        if confirm {
+            let again = rpassword::prompt_password("Again: ").map_err(read_err)?;
+            if again != first {
+                return Err(failure(
+                    "the passphrases differ; nothing was changed".into(),
+                ));
+            }
+        }
+        Secret::new(first)
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map_err(read_err)?;
+        let passphrase = Secret::new(line.trim_end_matches(['\r', '\n']));
+        line.clear();
+        passphrase
+    };
+    if passphrase.is_empty() {
+        return Err(failure("the passphrase is empty".into()));
+    }
+    Ok(passphrase)
 }
 
 fn now() -> u64 {
@@ -373,6 +423,9 @@ fn print_status(out: &mut impl Write, s: &SessionStatus) -> std::io::Result<()> 
     match s.next_refresh_at {
         Some(at) => writeln!(out, "next refresh:   {}", relative(at))?,
         None => writeln!(out, "next refresh:   none scheduled")?,
+    }
+    if let Some(at) = s.remove_at {
+        writeln!(out, "removed:        {} (its lifetime ends)", relative(at))?;
     }
     if let Some(idle) = s.idle_timeout_secs {
         writeln!(

@@ -1,17 +1,19 @@
-//! The agent's requests: what `get`, `import`, `remove`, `list`, `status`
-//! and `refresh` do to the sessions. The server only frames and forwards;
+//! The agent's requests: what `get`, `import`, `remove`, `list`, `status`,
+//! `refresh`, `lock` and `unlock` do. The server only frames and forwards;
 //! the refresher does the talking to providers.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use token_agent_proto::{
     validate_session_name, ClientAuth, ErrorCode, ErrorReply, ImportSession, Request, Response,
-    SessionState, TokenReply, PROTOCOL_VERSION,
+    Secret, SessionState, TokenReply, PROTOCOL_VERSION,
 };
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 
-use crate::oauth::TokenAnswer;
+use crate::oauth::{Endpoints, TokenAnswer};
+use crate::peer::{AccessPolicy, Caller};
 use crate::refresh::{
     insufficient_validity, no_such_session, reauth_error, token_or_error, Refresher, Trigger,
 };
@@ -19,10 +21,17 @@ use crate::schedule::Timing;
 use crate::sessions::{now_ms, Session, Sessions};
 use crate::store::{ClientConfig, SessionRecord, StateRecord, Store, StoreError, Tokens};
 
+/// How long a wrong unlock passphrase makes the caller wait, so guessing
+/// is slow.
+const WRONG_PASSPHRASE_DELAY: Duration = Duration::from_secs(1);
+
 pub struct Agent {
     pub sessions: Sessions,
     pub refresher: Arc<Refresher>,
+    pub policy: AccessPolicy,
     timing: Timing,
+    /// The hash of the lock passphrase while the agent is locked.
+    locked: Mutex<Option<String>>,
     /// Imports are rare and slow (discovery, a first refresh); one at a time
     /// keeps two imports of one name from interleaving.
     import_lock: tokio::sync::Mutex<()>,
@@ -30,12 +39,18 @@ pub struct Agent {
 
 impl Agent {
     /// Builds the in-memory view from the store and plans every session.
-    pub fn load(store: &Store, refresher: Arc<Refresher>) -> Result<Agent, StoreError> {
+    pub fn load(
+        store: &Store,
+        refresher: Arc<Refresher>,
+        policy: AccessPolicy,
+    ) -> Result<Agent, StoreError> {
         let timing = refresher.timing;
         let agent = Agent {
             sessions: Sessions::default(),
             refresher,
+            policy,
             timing,
+            locked: Mutex::new(None),
             import_lock: tokio::sync::Mutex::new(()),
         };
 
@@ -61,14 +76,25 @@ impl Agent {
     }
 
     fn plan(&self, session: &Arc<Session>) {
-        let due = session.record().next_refresh_at;
-        match due {
-            Some(at) if !session.is_stuck() => self.refresher.scheduler.schedule(&session.name, at),
-            _ => {}
-        }
+        let record = session.record().clone();
+        self.refresher.plan(session, &record);
     }
 
-    pub async fn handle(&self, request: Request) -> Response {
+    /// Answers one request from `caller`.
+    pub async fn handle(&self, request: Request, caller: &Caller) -> Response {
+        if self.is_locked() && !is_allowed_while_locked(&request) {
+            return Response::Error(ErrorReply::new(
+                ErrorCode::Locked,
+                "the agent is locked; `tokenctl unlock` it to be served tokens again",
+            ));
+        }
+        if let Request::Get { name, .. } = &request {
+            if let Err(why) = self.policy.may_take(name, caller) {
+                warn!(session = %name, uid = caller.uid, pid = ?caller.pid, "refused a token: {why}");
+                return Response::Error(ErrorReply::new(ErrorCode::PermissionDenied, why));
+            }
+        }
+
         let result = match request {
             Request::Hello { .. } => Ok(Response::Hello {
                 version: PROTOCOL_VERSION,
@@ -79,7 +105,7 @@ impl Agent {
                 name,
                 min_valid_secs,
             } => self.get(&name, min_valid_secs).await.map(Response::Token),
-            Request::Import(import) => self.import(import).await.map(done),
+            Request::Import(import) => self.import(*import).await.map(done),
             Request::Remove { name } => self.remove(&name).await.map(done),
             Request::List => Ok(Response::Sessions {
                 sessions: self.sessions.all().iter().map(|s| s.status()).collect(),
@@ -88,8 +114,77 @@ impl Agent {
                 session: session.status(),
             }),
             Request::Refresh { name } => self.refresh_now(&name).await.map(done),
+            Request::Lock { passphrase } => self.lock(passphrase).await.map(done),
+            Request::Unlock { passphrase } => self.unlock(passphrase).await.map(done),
         };
         result.unwrap_or_else(Response::Error)
+    }
+
+    pub fn is_locked(&self) -> bool {
+        self.locked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    async fn lock(&self, passphrase: Secret) -> Result<String, ErrorReply> {
+        if passphrase.is_empty() {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "the passphrase is empty",
+            ));
+        }
+        if self.is_locked() {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "the agent is already locked",
+            ));
+        }
+        // Hashing is deliberately slow; keep it off the async workers.
+        let hash = tokio::task::spawn_blocking(move || crate::seal::hash_passphrase(&passphrase))
+            .await
+            .map_err(|_| ErrorReply::new(ErrorCode::Internal, "hashing the passphrase failed"))?
+            .map_err(|why| ErrorReply::new(ErrorCode::Internal, why))?;
+
+        let mut locked = self.locked.lock().unwrap_or_else(|e| e.into_inner());
+        if locked.is_some() {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "the agent is already locked",
+            ));
+        }
+        *locked = Some(hash);
+        info!("agent locked: no tokens are served until it is unlocked; refreshes go on");
+        Ok("locked: no tokens are served until `tokenctl unlock`".into())
+    }
+
+    async fn unlock(&self, passphrase: Secret) -> Result<String, ErrorReply> {
+        let hash = self
+            .locked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(hash) = hash else {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "the agent is not locked",
+            ));
+        };
+        let matches =
+            tokio::task::spawn_blocking(move || crate::seal::verify_passphrase(&hash, &passphrase))
+                .await
+                .unwrap_or(false);
+        if !matches {
+            tokio::time::sleep(WRONG_PASSPHRASE_DELAY).await;
+            warn!("unlock refused: wrong passphrase");
+            return Err(ErrorReply::new(
+                ErrorCode::PermissionDenied,
+                "wrong passphrase; the agent stays locked",
+            ));
+        }
+        *self.locked.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        info!("agent unlocked");
+        Ok("unlocked".into())
     }
 
     fn find(&self, name: &str) -> Result<Arc<Session>, ErrorReply> {
@@ -183,12 +278,15 @@ impl Agent {
             ));
         }
 
-        let token_endpoint = match &import.token_endpoint {
-            Some(endpoint) => endpoint.clone(),
+        let endpoints = match &import.token_endpoint {
+            Some(endpoint) => Endpoints {
+                token_endpoint: endpoint.clone(),
+                revocation_endpoint: None,
+            },
             None => self
                 .refresher
                 .provider
-                .discover_token_endpoint(&import.issuer)
+                .discover(&import.issuer)
                 .await
                 .map_err(|why| {
                     ErrorReply::new(
@@ -204,7 +302,7 @@ impl Agent {
             old.mark_removed();
         }
         let issued = take_issued_tokens(&mut import);
-        let session = Arc::new(Session::new(new_record(import, token_endpoint)));
+        let session = Arc::new(Session::new(new_record(import, endpoints)));
         self.sessions.insert(session.clone());
         self.refresher.scheduler.unschedule(&name);
 
@@ -259,6 +357,29 @@ impl Agent {
         }
     }
 
+    /// Ends a session whose lifetime is over: revokes its refresh token
+    /// where the provider allows, then forgets it.
+    async fn expire(&self, session: &Arc<Session>) {
+        let record = session.record().clone();
+        let revocable = record.client.revocation_endpoint.is_some();
+        if let (Some(refresh_token), true) = (&record.tokens.refresh_token, revocable) {
+            match self
+                .refresher
+                .provider
+                .revoke(&record.client, refresh_token)
+                .await
+            {
+                Ok(()) => info!(session = %record.name, "lifetime over; refresh token revoked"),
+                Err(why) => warn!(
+                    session = %record.name,
+                    "lifetime over; revoking the refresh token failed ({why}); removing the session anyway"
+                ),
+            }
+        }
+        self.forget(session).await;
+        info!(session = %record.name, "session removed at the end of its lifetime");
+    }
+
     async fn refresh_now(&self, name: &str) -> Result<String, ErrorReply> {
         let session = self.find(name)?;
         if session.record().state.state == SessionState::NeedsSignIn {
@@ -281,6 +402,16 @@ impl Agent {
             return;
         };
 
+        let remove_at = session.record().remove_at;
+        if remove_at.is_some_and(|at| at <= now_ms()) {
+            let agent = self.clone();
+            self.refresher.tasks.spawn(async move {
+                agent.expire(&session).await;
+                drop(permit);
+            });
+            return;
+        }
+
         let idle_limit = session.record().idle_timeout_secs;
         if let Some(idle_secs) = idle_limit {
             let idle_ms = now_ms().saturating_sub(session.last_used());
@@ -296,6 +427,20 @@ impl Agent {
             drop(permit);
         });
     }
+}
+
+/// Requests that reveal and change nothing secret, answered while locked.
+fn is_allowed_while_locked(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Hello { .. }
+            | Request::Ping
+            | Request::List
+            | Request::Status { .. }
+            | Request::Refresh { .. }
+            | Request::Lock { .. }
+            | Request::Unlock { .. }
+    )
 }
 
 fn done(message: String) -> Response {
@@ -355,13 +500,14 @@ fn take_issued_tokens(import: &mut ImportSession) -> Option<TokenAnswer> {
     })
 }
 
-fn new_record(import: ImportSession, token_endpoint: String) -> SessionRecord {
+fn new_record(import: ImportSession, endpoints: Endpoints) -> SessionRecord {
     let now = now_ms();
     SessionRecord {
         name: import.name,
         client: ClientConfig {
             issuer: import.issuer,
-            token_endpoint,
+            token_endpoint: endpoints.token_endpoint,
+            revocation_endpoint: endpoints.revocation_endpoint,
             client_id: import.client_id,
             client_secret: import.client_secret,
             client_auth: import.client_auth,
@@ -384,6 +530,9 @@ fn new_record(import: ImportSession, token_endpoint: String) -> SessionRecord {
         consecutive_failures: 0,
         next_refresh_at: None,
         idle_timeout_secs: import.idle_timeout_secs,
+        remove_at: import
+            .lifetime_secs
+            .map(|secs| now.saturating_add(secs.saturating_mul(1000))),
         created_at: now,
     }
 }

@@ -1,10 +1,13 @@
-//! Command-line flags and environment variables, and the paths and timing
-//! derived from them.
+//! Command-line flags, environment variables and the configuration file,
+//! and the paths, timing and access rules derived from them.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
+use serde::Deserialize;
 
 use crate::schedule::Timing;
 
@@ -22,6 +25,11 @@ pub struct Args {
     /// [default: $XDG_STATE_HOME/token-agent, else ~/.local/state/token-agent]
     #[arg(long, env = "TOKEN_AGENT_STORE", value_name = "DIR")]
     pub store_dir: Option<PathBuf>,
+
+    /// The configuration file (TOML). [default: $XDG_CONFIG_HOME/token-agent/config.toml,
+    /// else ~/.config/token-agent/config.toml; a missing default file is fine]
+    #[arg(long, env = "TOKEN_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 
     /// Log filter, e.g. `info` or `token_agent=debug`. RUST_LOG is read
     /// when this is not given.
@@ -69,11 +77,13 @@ pub struct Args {
     pub shutdown_grace: Duration,
 }
 
-/// Everything the agent needs, resolved from [`Args`].
+/// Everything the agent needs, resolved from [`Args`] and the file.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub socket: PathBuf,
     pub store_dir: PathBuf,
+    /// The configuration file's contents; defaults when there is none.
+    pub file: FileConfig,
     pub timing: Timing,
     pub max_concurrent_refreshes: usize,
     pub provider_timeout: Duration,
@@ -97,6 +107,13 @@ impl Args {
             Some(path) => path.clone(),
             None => default_store_dir()?,
         };
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => match default_config_path() {
+                Some(path) if path.exists() => FileConfig::load(&path)?,
+                _ => FileConfig::default(),
+            },
+        };
         let timing = Timing {
             refresh_at: self.refresh_at,
             min_lead_ms: millis(self.min_lead),
@@ -110,12 +127,83 @@ impl Args {
         Ok(Config {
             socket,
             store_dir,
+            file,
             timing,
             max_concurrent_refreshes: self.max_concurrent_refreshes,
             provider_timeout: self.provider_timeout,
             shutdown_grace: self.shutdown_grace,
         })
     }
+}
+
+/// The configuration file. Every part is optional.
+///
+/// ```toml
+/// [access]
+/// allow_uids = [1001]          # besides the agent's own uid and root
+/// allow_gids = [2000]
+///
+/// [store]
+/// key_file = "/etc/token-agent/store.key"
+///
+/// [sessions.work]              # who may be served this session's token
+/// allowed_executables = ["/usr/bin/curl"]
+/// allowed_units = ["backup.service"]
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub access: AccessConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub sessions: BTreeMap<String, SessionRules>,
+}
+
+/// Who may connect, besides the agent's own uid and root.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
+    #[serde(default)]
+    pub allow_gids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub key_file: Option<PathBuf>,
+}
+
+/// Which callers may be served one session's token. A caller matches when
+/// its executable is listed or it runs in a listed systemd unit. These
+/// narrow mistakes; they are no boundary against a hostile process of the
+/// same user, which can impersonate any executable.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRules {
+    #[serde(default)]
+    pub allowed_executables: Vec<PathBuf>,
+    #[serde(default)]
+    pub allowed_units: Vec<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
+        toml::from_str(&text)
+            .with_context(|| format!("the configuration file {} is invalid", path.display()))
+    }
+}
+
+fn default_config_path() -> Option<PathBuf> {
+    if let Some(config) = env_path("XDG_CONFIG_HOME") {
+        return Some(config.join("token-agent/config.toml"));
+    }
+    env_path("HOME").map(|home| home.join(".config/token-agent/config.toml"))
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -4,8 +4,10 @@
 //!
 //! The modules, by job:
 //! - [`store`]: the sled store, the only module that touches disk;
+//! - [`seal`]: encryption of records at rest, the only module with crypto;
 //! - [`oauth`]: the provider client, the only module that speaks HTTP;
 //! - [`sessions`]: the in-memory view of every session;
+//! - [`peer`]: who is connecting, and what they may take;
 //! - [`schedule`] and [`scheduler`]: when each session is due, and the one
 //!   timer structure that wakes the refresher;
 //! - [`refresh`]: one refresh through its steps, keeping the invariants;
@@ -19,9 +21,11 @@
 pub mod agent;
 pub mod config;
 pub mod oauth;
+pub mod peer;
 pub mod refresh;
 pub mod schedule;
 pub mod scheduler;
+pub mod seal;
 pub mod server;
 pub mod sessions;
 pub mod shutdown;
@@ -38,6 +42,7 @@ use tracing::info;
 use crate::agent::Agent;
 use crate::config::Config;
 use crate::oauth::Provider;
+use crate::peer::AccessPolicy;
 use crate::refresh::Refresher;
 use crate::scheduler::Scheduler;
 use crate::store::Store;
@@ -57,7 +62,10 @@ pub struct Running {
 /// Opens the store, plans every session and starts serving. Fails fast when
 /// the store is locked or damaged, or the socket cannot be bound.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let store = Arc::new(Store::open(&config.store_dir)?);
+    let store = Arc::new(Store::open(
+        &config.store_dir,
+        config.file.store.key_file.as_deref(),
+    )?);
     let refresher = Arc::new(Refresher {
         store: store.clone(),
         provider: Provider::new(config.provider_timeout)?,
@@ -65,13 +73,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         timing: config.timing,
         tasks: TaskTracker::new(),
     });
-    let agent = Arc::new(Agent::load(&store, refresher.clone())?);
+    let policy = AccessPolicy::new(&config.file.access, &config.file.sessions);
+    let agent = Arc::new(Agent::load(&store, refresher.clone(), policy)?);
     let listener = server::bind(&config.socket)?;
 
     info!(
         socket = %config.socket.display(),
         store = %store.path().display(),
         sessions = agent.sessions.len(),
+        key = %store.key_source(),
         scheduled = refresher.scheduler.len(),
         "token-agent ready"
     );

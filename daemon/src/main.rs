@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     // from the moment it exists.
     // SAFETY: umask has no preconditions and cannot fail.
     unsafe { libc::umask(0o077) };
+    harden();
 
     let args = Args::parse();
     init_logging(args.log_level.as_deref());
@@ -30,6 +31,26 @@ fn main() -> ExitCode {
             error!("{err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Keeps tokens out of core dumps and away from ptrace by other processes
+/// of the same user: a non-dumpable process can be attached only by root.
+fn harden() {
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on this process with valid arguments; failure
+    // leaves the defaults, which is worth a warning but not a stop.
+    let (core, dumpable) = unsafe {
+        (
+            libc::setrlimit(libc::RLIMIT_CORE, &no_core),
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0),
+        )
+    };
+    if core != 0 || dumpable != 0 {
+        eprintln!("token-agent: warning: cannot disable core dumps or ptrace attach");
     }
 }
 

@@ -85,11 +85,13 @@ impl Provider {
         Ok(Provider { http })
     }
 
-    /// Reads `token_endpoint` from the issuer's discovery document.
-    pub async fn discover_token_endpoint(&self, issuer: &str) -> Result<String, String> {
+    /// Reads the endpoints the agent uses from the issuer's discovery
+    /// document.
+    pub async fn discover(&self, issuer: &str) -> Result<Endpoints, String> {
         #[derive(Deserialize)]
         struct Discovery {
             token_endpoint: String,
+            revocation_endpoint: Option<String>,
         }
 
         let url = format!(
@@ -113,9 +115,41 @@ impl Provider {
             .map_err(|err| format!("cannot read {url}: {}", describe_http_error(&err)))?;
         let discovery: Discovery = serde_json::from_slice(&body)
             .map_err(|err| format!("{url} is not a discovery document: {err}"))?;
-        url::Url::parse(&discovery.token_endpoint)
-            .map_err(|err| format!("{url} names a token endpoint that is not a URL: {err}"))?;
-        Ok(discovery.token_endpoint)
+        for endpoint in
+            std::iter::once(&discovery.token_endpoint).chain(&discovery.revocation_endpoint)
+        {
+            url::Url::parse(endpoint)
+                .map_err(|err| format!("{url} names an endpoint that is not a URL: {err}"))?;
+        }
+        Ok(Endpoints {
+            token_endpoint: discovery.token_endpoint,
+            revocation_endpoint: discovery.revocation_endpoint,
+        })
+    }
+
+    /// Revokes a refresh token (RFC 7009). Any 2xx counts: the RFC has the
+    /// provider answer 200 for tokens it no longer knows, too.
+    pub async fn revoke(
+        &self,
+        client: &ClientConfig,
+        refresh_token: &Secret,
+    ) -> Result<(), String> {
+        let Some(endpoint) = &client.revocation_endpoint else {
+            return Err("the provider has no revocation endpoint".into());
+        };
+        let form = vec![
+            ("token", refresh_token.expose()),
+            ("token_type_hint", "refresh_token"),
+        ];
+        let request = self.http.post(endpoint).header(ACCEPT, "application/json");
+        let response = authenticate(request, form, client)
+            .send()
+            .await
+            .map_err(|err| describe_http_error(&err))?;
+        match response.status().as_u16() {
+            200..=299 => Ok(()),
+            status => Err(format!("the revocation endpoint answered HTTP {status}")),
+        }
     }
 
     /// Presents `refresh_token` once and classifies the answer. Network
@@ -132,26 +166,13 @@ impl Provider {
         }
 
         // GitHub answers form-encoded text unless JSON is asked for.
-        let mut request = self
+        let request = self
             .http
             .post(&client.token_endpoint)
             .header(ACCEPT, "application/json");
-        match (client.client_auth, &client.client_secret) {
-            (ClientAuth::Basic, Some(secret)) => {
-                request = request.basic_auth(
-                    form_encode(&client.client_id),
-                    Some(form_encode(secret.expose())),
-                );
-            }
-            (ClientAuth::Post, Some(secret)) => {
-                form.push(("client_id", &client.client_id));
-                form.push(("client_secret", secret.expose()));
-            }
-            _ => form.push(("client_id", &client.client_id)),
-        }
 
         let started = SystemTime::now();
-        let result = request.form(&form).send().await;
+        let result = authenticate(request, form, client).send().await;
         let response = match result {
             Ok(response) => response,
             Err(err) => {
@@ -202,6 +223,38 @@ pub struct Answered {
     /// The provider's `Date` header, for spotting clock skew.
     pub server_date: Option<SystemTime>,
     pub took: Duration,
+}
+
+/// The endpoints a session uses, from discovery or given by hand.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub token_endpoint: String,
+    pub revocation_endpoint: Option<String>,
+}
+
+/// Adds the client's authentication to a form request, the way the client
+/// is registered: HTTP Basic, secret in the body, or a public client's id.
+fn authenticate<'a>(
+    request: reqwest::RequestBuilder,
+    mut form: Vec<(&'a str, &'a str)>,
+    client: &'a ClientConfig,
+) -> reqwest::RequestBuilder {
+    let request = match (client.client_auth, &client.client_secret) {
+        (ClientAuth::Basic, Some(secret)) => request.basic_auth(
+            form_encode(&client.client_id),
+            Some(form_encode(secret.expose())),
+        ),
+        (ClientAuth::Post, Some(secret)) => {
+            form.push(("client_id", &client.client_id));
+            form.push(("client_secret", secret.expose()));
+            request
+        }
+        _ => {
+            form.push(("client_id", &client.client_id));
+            request
+        }
+    };
+    request.form(&form)
 }
 
 /// RFC 6749 2.3.1: Basic credentials are form-encoded before base64.
@@ -375,9 +428,30 @@ fn describe_unexpected(raw: &RawAnswer<'_>) -> String {
     )
 }
 
-/// The visible text of a body, tags and control characters dropped, cut to
-/// 80 characters.
+/// The visible text of a body, tags and control characters dropped, long
+/// token-like words masked, cut to 80 characters.
 fn body_excerpt(body: &[u8]) -> String {
+    let text = visible_text(body);
+    let words: Vec<String> = text.split(' ').map(mask_token_like).collect();
+    let mut out = words.join(" ");
+    if out.chars().count() > 80 {
+        out = out.chars().take(80).collect::<String>() + "…";
+    }
+    out
+}
+
+/// A proxy's error page may echo the request, refresh token included: any
+/// long unbroken run of token characters is replaced.
+fn mask_token_like(word: &str) -> String {
+    let is_token_char = |c: char| c.is_ascii_alphanumeric() || "-_.~+/=".contains(c);
+    if word.len() >= 20 && word.chars().all(is_token_char) {
+        "[redacted]".into()
+    } else {
+        word.to_string()
+    }
+}
+
+fn visible_text(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(4096)]);
     let mut out = String::new();
     let mut in_tag = false;
@@ -398,8 +472,7 @@ fn body_excerpt(body: &[u8]) -> String {
                 last_space = false;
             }
         }
-        if out.chars().count() >= 80 {
-            out.push('…');
+        if out.len() >= 1024 {
             break;
         }
     }
@@ -554,6 +627,16 @@ mod tests {
             panic!()
         };
         assert!(!t.reason.contains("rt-secret"));
+    }
+
+    #[test]
+    fn an_error_page_echoing_a_token_does_not_reach_the_reason() {
+        let page = "<html><body>Bad request: refresh_token=eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1In0.c2ln</body></html>";
+        let Answer::Transient(t) = answer(400, "text/html", page) else {
+            panic!()
+        };
+        assert!(!t.reason.contains("eyJhbGciOiJSUzI1NiJ9"), "{}", t.reason);
+        assert!(t.reason.contains("[redacted]"));
     }
 
     #[test]

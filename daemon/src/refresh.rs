@@ -378,11 +378,27 @@ impl Refresher {
 
     /// Makes `record` the session's current view and plans its next refresh.
     fn install(&self, session: &Session, record: SessionRecord) {
-        match record.next_refresh_at {
+        self.plan(session, &record);
+        session.set_record(record);
+    }
+
+    /// Puts the session in the scheduler for its next refresh, or the end
+    /// of its lifetime, whichever comes first; a session that needs a
+    /// person is planned only for its end.
+    pub fn plan(&self, session: &Session, record: &SessionRecord) {
+        let is_stuck = matches!(
+            record.state.state,
+            SessionState::NeedsSignIn | SessionState::ClientMisconfigured
+        );
+        let refresh_at = record.next_refresh_at.filter(|_| !is_stuck);
+        let due = match (refresh_at, record.remove_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match due {
             Some(at) => self.scheduler.schedule(&session.name, at),
             None => self.scheduler.unschedule(&session.name),
         }
-        session.set_record(record);
     }
 
     fn next_refresh(&self, record: &SessionRecord) -> u64 {

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::agent::Agent;
+use crate::peer::Caller;
 
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -132,6 +133,20 @@ pub async fn serve(
 }
 
 async fn handle_connection(stream: UnixStream, agent: Arc<Agent>, shutdown: CancellationToken) {
+    let caller = match Caller::of(&stream) {
+        Ok(caller) => caller,
+        Err(err) => {
+            warn!(error = %err, "cannot read the peer's credentials; closing");
+            return;
+        }
+    };
+    debug!(
+        uid = caller.uid,
+        pid = ?caller.pid,
+        exe = ?caller.exe,
+        unit = ?caller.unit,
+        "client connected"
+    );
     let (read_half, write_half) = stream.into_split();
     let mut requests = FramedRead::new(
         read_half,
@@ -148,7 +163,13 @@ async fn handle_connection(stream: UnixStream, agent: Arc<Agent>, shutdown: Canc
 
     match tokio::time::timeout(HELLO_TIMEOUT, requests.next()).await {
         Ok(Some(Ok(frame))) => {
-            let reply = greet(&frame);
+            // The refusal answers the hello, so the client reads it as the
+            // reply to its first request rather than finding a closed pipe.
+            let reply = if agent.policy.may_connect(&caller) {
+                greet(&frame)
+            } else {
+                refuse(&caller)
+            };
             let accepted = matches!(reply, Response::Hello { .. });
             if send(&mut replies, &reply).await.is_err() || !accepted {
                 return;
@@ -180,7 +201,7 @@ async fn handle_connection(stream: UnixStream, agent: Arc<Agent>, shutdown: Canc
             Some(Ok(frame)) => match decode::<Request>(&frame) {
                 Ok(request) => {
                     debug!(op = op_name(&request), "request");
-                    agent.handle(request).await
+                    agent.handle(request, &caller).await
                 }
                 Err(err) => {
                     Response::Error(ErrorReply::new(ErrorCode::BadRequest, err.to_string()))
@@ -191,6 +212,25 @@ async fn handle_connection(stream: UnixStream, agent: Arc<Agent>, shutdown: Canc
             return;
         }
     }
+}
+
+/// The answer to a peer of another user, with a log line an operator can
+/// act on.
+fn refuse(caller: &Caller) -> Response {
+    warn!(
+        uid = caller.uid,
+        pid = ?caller.pid,
+        exe = ?caller.exe,
+        "refused a connection from another user; allow it with [access] in the configuration"
+    );
+    Response::Error(ErrorReply::new(
+        ErrorCode::PermissionDenied,
+        format!(
+            "this agent serves uid {} only; uid {} is not allowed",
+            crate::peer::own_uid(),
+            caller.uid
+        ),
+    ))
 }
 
 /// The answer to a connection's first frame.
@@ -238,5 +278,7 @@ fn op_name(request: &Request) -> &'static str {
         Request::List => "list",
         Request::Status { .. } => "status",
         Request::Refresh { .. } => "refresh",
+        Request::Lock { .. } => "lock",
+        Request::Unlock { .. } => "unlock",
     }
 }

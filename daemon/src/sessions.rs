@@ -144,6 +144,7 @@ impl Session {
             consecutive_failures: record.consecutive_failures,
             next_refresh_at: record.next_refresh_at.map(seconds),
             idle_timeout_secs: record.idle_timeout_secs,
+            remove_at: record.remove_at.map(seconds),
             has_refresh_token: record.tokens.refresh_token.is_some(),
         }
     }

@@ -1,8 +1,14 @@
 //! The session store: the only module that touches sled or the store folder.
 //!
-//! One record per session, keyed by its name. Every write is flushed before
-//! it returns: sled otherwise flushes on a timer, and a rotated refresh token
-//! that is only in memory when the process dies is lost for good.
+//! One record per session, keyed by its name, sealed (encrypted and
+//! authenticated, see [`crate::seal`]) with the session name as associated
+//! data: nothing in the store's files is readable without the key. Every
+//! write is flushed before it returns: sled otherwise flushes on a timer, and
+//! a rotated refresh token that is only in memory when the process dies is
+//! lost for good.
+//!
+//! A sealed `key-check` file, written when the store is created, tells a
+//! wrong key apart from a damaged record before sled opens (and writes).
 //!
 //! The folder also holds `lock`, which carries an exclusive `flock` for as
 //! long as the agent runs. The kernel drops it when the process dies, so a
@@ -16,9 +22,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use token_agent_proto::{ClientAuth, ExpirySource, ProviderError, Secret, SessionState};
+use zeroize::Zeroizing;
+
+use crate::seal::{KeySource, SealError, Sealer};
 
 /// The folder layout version; a store written by a later layout is refused.
 const LAYOUT_VERSION: &[u8] = b"1";
+
+const KEY_CHECK_CONTEXT: &[u8] = b"token-agent store key check";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -42,6 +53,18 @@ pub enum StoreError {
     BadRecord { name: String, detail: String },
     #[error("store write failed: {0}")]
     Write(#[source] sled::Error),
+    #[error(transparent)]
+    Key(#[from] SealError),
+    #[error(
+        "the store at {path} is encrypted, but its key is missing: expected {path}/key, \
+         the key_file in the configuration, or the systemd credential store-key"
+    )]
+    MissingKey { path: PathBuf },
+    #[error(
+        "the store at {path} was written with another key than the {source_name}; \
+         nothing was changed. Start with the key it was written with"
+    )]
+    WrongKey { path: PathBuf, source_name: String },
 }
 
 /// What the store keeps of one session. Holds secrets: never log it.
@@ -65,6 +88,9 @@ pub struct SessionRecord {
     /// No earlier than this, the next attempt; the scheduler's due time.
     pub next_refresh_at: Option<u64>,
     pub idle_timeout_secs: Option<u64>,
+    /// When to remove the session (Unix ms), if imported with a lifetime.
+    #[serde(default)]
+    pub remove_at: Option<u64>,
     pub created_at: u64,
 }
 
@@ -73,6 +99,9 @@ pub struct SessionRecord {
 pub struct ClientConfig {
     pub issuer: String,
     pub token_endpoint: String,
+    /// RFC 7009 revocation, from discovery, when the provider has it.
+    #[serde(default)]
+    pub revocation_endpoint: Option<String>,
     pub client_id: String,
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
@@ -109,6 +138,7 @@ pub struct StateRecord {
 pub struct Store {
     path: PathBuf,
     sessions: sled::Tree,
+    sealer: Sealer,
     db: sled::Db,
     // Held, never read: the flock lives as long as this file is open.
     _lock: File,
@@ -116,7 +146,8 @@ pub struct Store {
 
 impl Store {
     /// Opens the store in `dir`, creating it owner-only if it is missing.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    /// `key_file` is the configured key file, if any (see [`crate::seal`]).
+    pub fn open(dir: &Path, key_file: Option<&Path>) -> Result<Store, StoreError> {
         let open_err = |source| StoreError::Open {
             path: dir.to_path_buf(),
             source,
@@ -128,8 +159,10 @@ impl Store {
             .map_err(open_err)?;
         let lock = take_lock(dir)?;
         check_layout(dir)?;
-
+        // The key is proven before sled opens: opening writes to its files.
         let db_path = dir.join("sled");
+        let sealer = unlock(dir, key_file, db_path.exists())?;
+
         let db = sled::Config::new()
             .path(&db_path)
             // Our own flushes decide durability; the timer only adds work.
@@ -139,19 +172,24 @@ impl Store {
                 path: db_path.clone(),
                 source,
             })?;
-        let sessions = db
-            .open_tree("sessions")
-            .map_err(|source| StoreError::Damaged {
-                path: db_path.clone(),
-                source,
-            })?;
+        let damaged = |source| StoreError::Damaged {
+            path: db_path.clone(),
+            source,
+        };
+        let sessions = db.open_tree("sessions").map_err(damaged)?;
 
         Ok(Store {
             path: dir.to_path_buf(),
             sessions,
+            sealer,
             db,
             _lock: lock,
         })
+    }
+
+    /// Where the key came from.
+    pub fn key_source(&self) -> &KeySource {
+        &self.sealer.source
     }
 
     pub fn path(&self) -> &Path {
@@ -167,8 +205,16 @@ impl Store {
                 path: self.path.clone(),
                 source,
             })?;
-            let record = serde_json::from_slice(&value).map_err(|err| StoreError::BadRecord {
-                name: String::from_utf8_lossy(&key).into_owned(),
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let plain = self
+                .sealer
+                .open(&key, &value)
+                .map_err(|err| StoreError::BadRecord {
+                    name: name.clone(),
+                    detail: err.to_string(),
+                })?;
+            let record = serde_json::from_slice(&plain).map_err(|err| StoreError::BadRecord {
+                name,
                 detail: err.to_string(),
             })?;
             records.push(record);
@@ -178,12 +224,16 @@ impl Store {
 
     /// Writes a record and returns once it is on disk.
     pub async fn save(&self, record: &SessionRecord) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(record).map_err(|err| StoreError::BadRecord {
-            name: record.name.clone(),
-            detail: err.to_string(),
-        })?;
+        let plain =
+            Zeroizing::new(
+                serde_json::to_vec(record).map_err(|err| StoreError::BadRecord {
+                    name: record.name.clone(),
+                    detail: err.to_string(),
+                })?,
+            );
+        let sealed = self.sealer.seal(record.name.as_bytes(), &plain);
         self.sessions
-            .insert(record.name.as_bytes(), value)
+            .insert(record.name.as_bytes(), sealed)
             .map_err(StoreError::Write)?;
         self.flush().await
     }
@@ -244,6 +294,55 @@ fn take_lock(dir: &Path) -> Result<File, StoreError> {
     Ok(file)
 }
 
+/// Finds the store's key and proves it is the one the store was written
+/// with, by opening the sealed `key-check` file. A new store gets a key and
+/// a key check; an existing one is never touched until its check opens.
+fn unlock(dir: &Path, key_file: Option<&Path>, has_data: bool) -> Result<Sealer, StoreError> {
+    let check_path = dir.join("key-check");
+    let key_check = match fs::read(&check_path) {
+        Ok(bytes) => Some(bytes),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(StoreError::Open {
+                path: check_path,
+                source,
+            })
+        }
+    };
+    let is_new = key_check.is_none() && !has_data;
+
+    let sealer =
+        Sealer::find_key(dir, key_file, is_new)?.ok_or_else(|| StoreError::MissingKey {
+            path: dir.to_path_buf(),
+        })?;
+    match key_check {
+        Some(sealed) => {
+            sealer
+                .open(KEY_CHECK_CONTEXT, &sealed)
+                .map_err(|_| StoreError::WrongKey {
+                    path: dir.to_path_buf(),
+                    source_name: sealer.source.to_string(),
+                })?;
+        }
+        None if is_new => {
+            let sealed = sealer.seal(KEY_CHECK_CONTEXT, b"ok");
+            fs::write(&check_path, sealed)
+                .and_then(|()| fs::File::open(&check_path)?.sync_all())
+                .map_err(|source| StoreError::Open {
+                    path: check_path,
+                    source,
+                })?;
+        }
+        None => {
+            return Err(StoreError::BadRecord {
+                name: "key-check".into(),
+                detail: "the store holds data but no key check; it is damaged".into(),
+            })
+        }
+    }
+    Ok(sealer)
+}
+
 /// Records the layout version in a new store and refuses a newer one.
 fn check_layout(dir: &Path) -> Result<(), StoreError> {
     let path = dir.join("layout");
@@ -270,6 +369,7 @@ pub(crate) mod tests {
             client: ClientConfig {
                 issuer: "https://id.example".into(),
                 token_endpoint: "https://id.example/token".into(),
+                revocation_endpoint: None,
                 client_id: "cli".into(),
                 client_secret: None,
                 client_auth: ClientAuth::None,
@@ -292,6 +392,7 @@ pub(crate) mod tests {
             consecutive_failures: 0,
             next_refresh_at: None,
             idle_timeout_secs: None,
+            remove_at: None,
             created_at: 0,
         }
     }
@@ -300,12 +401,12 @@ pub(crate) mod tests {
     async fn records_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = Store::open(dir.path(), None).unwrap();
             store.save(&record("work")).await.unwrap();
             store.save(&record("home")).await.unwrap();
             store.remove("home").await.unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
         let records = store.load_all().unwrap();
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].name, "work");
@@ -318,8 +419,8 @@ pub(crate) mod tests {
     #[test]
     fn a_second_open_of_the_same_store_names_the_owner() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(dir.path()).unwrap();
-        let second = Store::open(dir.path());
+        let _first = Store::open(dir.path(), None).unwrap();
+        let second = Store::open(dir.path(), None);
         match second {
             Err(StoreError::Locked { pid, .. }) => {
                 assert_eq!(pid, std::process::id().to_string())
@@ -333,9 +434,85 @@ pub(crate) mod tests {
     fn the_store_folder_is_owner_only() {
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("store");
-        let _store = Store::open(&dir).unwrap();
+        let _store = Store::open(&dir, None).unwrap();
         let mode = fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[tokio::test]
+    async fn no_secret_appears_in_plain_text_in_the_store_files() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), None).unwrap();
+            let mut r = record("work");
+            r.tokens.refresh_token = Some(Secret::new("rt-plaintext-canary"));
+            r.tokens.access_token = Some(Secret::new("at-plaintext-canary"));
+            r.client.client_secret = Some(Secret::new("cs-plaintext-canary"));
+            store.save(&r).await.unwrap();
+        }
+        for entry in walk(dir.path()) {
+            let bytes = fs::read(&entry).unwrap();
+            for canary in [&b"plaintext-canary"[..], b"id.example"] {
+                assert!(
+                    !bytes.windows(canary.len()).any(|w| w == canary),
+                    "{} holds plain text",
+                    entry.display()
+                );
+            }
+        }
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                files.extend(walk(&path));
+            } else {
+                files.push(path);
+            }
+        }
+        files
+    }
+
+    #[tokio::test]
+    async fn a_store_opened_with_another_key_fails_and_is_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), None).unwrap();
+            store.save(&record("work")).await.unwrap();
+        }
+        let other_key = dir.path().join("other.key");
+        fs::write(&other_key, [9u8; 32]).unwrap();
+        let before = fs::read(dir.path().join("key")).unwrap();
+
+        match Store::open(dir.path(), Some(&other_key)) {
+            Err(StoreError::WrongKey { source_name, .. }) => {
+                assert!(source_name.contains("other.key"))
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(_) => panic!("opened with the wrong key"),
+        }
+
+        // The right key still opens everything.
+        assert_eq!(fs::read(dir.path().join("key")).unwrap(), before);
+        let store = Store::open(dir.path(), None).unwrap();
+        assert_eq!(store.load_all().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_key_file_is_reported_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), None).unwrap();
+            store.save(&record("work")).await.unwrap();
+        }
+        fs::remove_file(dir.path().join("key")).unwrap();
+        assert!(matches!(
+            Store::open(dir.path(), None),
+            Err(StoreError::MissingKey { .. })
+        ));
+        assert!(!dir.path().join("key").exists());
     }
 
     #[test]
@@ -343,7 +520,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("layout"), b"99").unwrap();
         assert!(matches!(
-            Store::open(dir.path()),
+            Store::open(dir.path(), None),
             Err(StoreError::NewerLayout { .. })
         ));
         assert_eq!(fs::read(dir.path().join("layout")).unwrap(), b"99");

@@ -13,7 +13,9 @@ use crate::Secret;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Must be the first frame on a connection.
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+    },
     /// Answered by [`Response::Pong`].
     Ping,
     /// A current access token for the session, valid for at least
@@ -25,15 +27,29 @@ pub enum Request {
     },
     /// Adds a session from a refresh token obtained elsewhere. The agent
     /// refreshes at once, so a bad token or client is reported right away.
-    Import(ImportSession),
+    Import(Box<ImportSession>),
     /// Forgets a session and its tokens.
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
     /// Every session's status.
     List,
     /// One session's status.
-    Status { name: String },
+    Status {
+        name: String,
+    },
     /// Refreshes now, whatever the schedule says.
-    Refresh { name: String },
+    Refresh {
+        name: String,
+    },
+    /// Stops serving tokens until [`Request::Unlock`] with the same
+    /// passphrase. Refreshes go on, so nothing expires while locked.
+    Lock {
+        passphrase: Secret,
+    },
+    Unlock {
+        passphrase: Secret,
+    },
 }
 
 /// How the client authenticates itself at the token endpoint.
@@ -82,6 +98,10 @@ pub struct ImportSession {
     /// `get`. Absent: always keep it fresh.
     #[serde(default)]
     pub idle_timeout_secs: Option<u64>,
+    /// Remove the session this many seconds after the import, revoking its
+    /// refresh token where the provider offers revocation.
+    #[serde(default)]
+    pub lifetime_secs: Option<u64>,
     /// Replace a session of the same name instead of failing.
     #[serde(default)]
     pub replace: bool,
@@ -181,6 +201,9 @@ pub struct SessionStatus {
     pub next_refresh_at: Option<u64>,
     #[serde(default)]
     pub idle_timeout_secs: Option<u64>,
+    /// When the session will be removed, if it was imported with a lifetime.
+    #[serde(default)]
+    pub remove_at: Option<u64>,
     pub has_refresh_token: bool,
 }
 
@@ -234,6 +257,10 @@ pub enum ErrorCode {
     StoreFailed,
     /// The agent is stopping.
     ShuttingDown,
+    /// The caller may not connect, or may not take this session's token.
+    PermissionDenied,
+    /// The agent is locked; `unlock` it first.
+    Locked,
     #[serde(other)]
     Internal,
 }
@@ -253,6 +280,8 @@ impl ErrorCode {
             ErrorCode::InsufficientValidity => "insufficient_validity",
             ErrorCode::StoreFailed => "store_failed",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::Locked => "locked",
             ErrorCode::Internal => "internal",
         }
     }
@@ -325,9 +354,10 @@ mod tests {
             expires_in: None,
             refresh_expires_in: None,
             idle_timeout_secs: None,
+            lifetime_secs: None,
             replace: false,
         };
-        let debug = format!("{:?}", Request::Import(import));
+        let debug = format!("{:?}", Request::Import(Box::new(import)));
         assert!(!debug.contains("client-secret-value"));
         assert!(!debug.contains("refresh-token-value"));
     }

@@ -18,7 +18,7 @@ fn stage_refresh_in_flight(ws: &Workspace, name: &str) -> String {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let store = Store::open(&ws.store()).expect("open the dead agent's store");
+    let store = Store::open(&ws.store(), None).expect("open the dead agent's store");
     let mut record = store
         .load_all()
         .unwrap()
