@@ -144,6 +144,9 @@ impl From<ClientError> for Failure {
                 if let Some(description) = &provider.description {
                     message.push_str(&format!(" ({description})"));
                 }
+                if !provider.codes.is_empty() {
+                    message.push_str(&format!(" [{}]", provider.codes.join(", ")));
+                }
             }
         }
         Failure { message, exit_code }

@@ -2,7 +2,7 @@
 //! `refresh`, `lock` and `unlock` do. The server only frames and forwards;
 //! the refresher does the talking to providers.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use token_agent_proto::{
@@ -17,7 +17,6 @@ use crate::peer::{AccessPolicy, Caller};
 use crate::refresh::{
     insufficient_validity, no_such_session, reauth_error, token_or_error, Refresher, Trigger,
 };
-use crate::schedule::Timing;
 use crate::sessions::{now_ms, Session, Sessions};
 use crate::store::{ClientConfig, SessionRecord, StateRecord, Store, StoreError, Tokens};
 
@@ -26,10 +25,10 @@ use crate::store::{ClientConfig, SessionRecord, StateRecord, Store, StoreError, 
 const WRONG_PASSPHRASE_DELAY: Duration = Duration::from_secs(1);
 
 pub struct Agent {
-    pub sessions: Sessions,
+    pub sessions: Arc<Sessions>,
     pub refresher: Arc<Refresher>,
-    pub policy: AccessPolicy,
-    timing: Timing,
+    /// Replaced when the configuration is reloaded.
+    policy: RwLock<Arc<AccessPolicy>>,
     /// The hash of the lock passphrase while the agent is locked.
     locked: Mutex<Option<String>>,
     /// Imports are rare and slow (discovery, a first refresh); one at a time
@@ -44,12 +43,10 @@ impl Agent {
         refresher: Arc<Refresher>,
         policy: AccessPolicy,
     ) -> Result<Agent, StoreError> {
-        let timing = refresher.timing;
         let agent = Agent {
-            sessions: Sessions::default(),
+            sessions: refresher.sessions.clone(),
             refresher,
-            policy,
-            timing,
+            policy: RwLock::new(Arc::new(policy)),
             locked: Mutex::new(None),
             import_lock: tokio::sync::Mutex::new(()),
         };
@@ -89,7 +86,7 @@ impl Agent {
             ));
         }
         if let Request::Get { name, .. } = &request {
-            if let Err(why) = self.policy.may_take(name, caller) {
+            if let Err(why) = self.policy().may_take(name, caller) {
                 warn!(session = %name, uid = caller.uid, pid = ?caller.pid, "refused a token: {why}");
                 return Response::Error(ErrorReply::new(ErrorCode::PermissionDenied, why));
             }
@@ -118,6 +115,18 @@ impl Agent {
             Request::Unlock { passphrase } => self.unlock(passphrase).await.map(done),
         };
         result.unwrap_or_else(Response::Error)
+    }
+
+    /// The access rules in force.
+    pub fn policy(&self) -> Arc<AccessPolicy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_policy(&self, policy: AccessPolicy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
     }
 
     pub fn is_locked(&self) -> bool {
@@ -258,7 +267,7 @@ impl Agent {
             record.tokens.access_token.is_some() && record.tokens.access_expires_at > now;
         let refreshed_recently = record
             .last_refresh_at
-            .is_some_and(|at| now.saturating_sub(at) < self.timing.min_gap_ms);
+            .is_some_and(|at| now.saturating_sub(at) < self.refresher.timing().min_gap_ms);
         if has_valid && refreshed_recently {
             return Err(insufficient_validity(&record));
         }

@@ -36,32 +36,59 @@ pub struct Args {
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
 
-    /// Refresh once this fraction of a token's lifetime has passed.
-    #[arg(long, default_value_t = 0.8, value_name = "FRACTION")]
-    pub refresh_at: f64,
+    /// How log lines look: `auto` (plain without timestamps when stderr is
+    /// the journal, with timestamps otherwise), `plain`, or `json`.
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
 
-    /// Refresh at least this long before expiry, where the lifetime allows.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    pub min_lead: Duration,
+    /// Fork to the background once the socket listens, and print shell
+    /// commands that set TOKEN_AGENT_SOCK and TOKEN_AGENT_PID (sh syntax).
+    #[arg(long, short = 's', visible_alias = "sh")]
+    pub daemon: bool,
+
+    /// Like --daemon, printing csh syntax.
+    #[arg(short = 'c', conflicts_with_all = ["daemon", "fish"])]
+    pub csh: bool,
+
+    /// Like --daemon, printing fish syntax.
+    #[arg(long, conflicts_with_all = ["daemon", "csh"])]
+    pub fish: bool,
+
+    /// Stop the agent named by TOKEN_AGENT_PID, and print commands that
+    /// unset the variables.
+    #[arg(short = 'k', conflicts_with_all = ["daemon", "csh", "fish"])]
+    pub kill: bool,
+
+    /// Where a backgrounded agent writes its log. [default: discarded]
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+
+    /// Refresh once this fraction of a token's lifetime has passed. [default: 0.8]
+    #[arg(long, value_name = "FRACTION")]
+    pub refresh_at: Option<f64>,
+
+    /// Refresh at least this long before expiry, where the lifetime allows. [default: 60s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub min_lead: Option<Duration>,
 
     /// Largest random shift of a scheduled refresh, so that sessions
-    /// minted together do not all refresh together.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub max_jitter: Duration,
+    /// minted together do not all refresh together. [default: 10s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_jitter: Option<Duration>,
 
     /// Shortest gap between two scheduled refreshes of one session, so a
-    /// provider announcing tiny lifetimes cannot drive a refresh loop.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub min_refresh_gap: Duration,
+    /// provider announcing tiny lifetimes cannot drive a refresh loop. [default: 30s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub min_refresh_gap: Option<Duration>,
 
     /// Access-token lifetime assumed when the provider gives none and the
-    /// token carries none.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    pub default_lifetime: Duration,
+    /// token carries none. [default: 5m]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub default_lifetime: Option<Duration>,
 
-    /// Longest wait between retries after a passing failure.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    pub max_backoff: Duration,
+    /// Longest wait between retries after a passing failure. [default: 60s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_backoff: Option<Duration>,
 
     /// How many refreshes the scheduler runs at once.
     #[arg(long, default_value_t = 16, value_name = "N")]
@@ -75,6 +102,36 @@ pub struct Args {
     /// and stored.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Plain,
+    Json,
+}
+
+/// The shell syntax for `--daemon` output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shell {
+    Sh,
+    Csh,
+    Fish,
+}
+
+impl Args {
+    /// The shell to print for, when the agent is to background itself.
+    pub fn background_shell(&self) -> Option<Shell> {
+        if self.csh {
+            Some(Shell::Csh)
+        } else if self.fish {
+            Some(Shell::Fish)
+        } else if self.daemon {
+            Some(Shell::Sh)
+        } else {
+            None
+        }
+    }
 }
 
 /// Everything the agent needs, resolved from [`Args`] and the file.
@@ -92,9 +149,6 @@ pub struct Config {
 
 impl Args {
     pub fn resolve(&self) -> anyhow::Result<Config> {
-        if !(0.1..=0.95).contains(&self.refresh_at) {
-            anyhow::bail!("--refresh-at must be between 0.1 and 0.95");
-        }
         if self.max_concurrent_refreshes == 0 {
             anyhow::bail!("--max-concurrent-refreshes must be at least 1");
         }
@@ -107,22 +161,8 @@ impl Args {
             Some(path) => path.clone(),
             None => default_store_dir()?,
         };
-        let file = match &self.config {
-            Some(path) => FileConfig::load(path)?,
-            None => match default_config_path() {
-                Some(path) if path.exists() => FileConfig::load(&path)?,
-                _ => FileConfig::default(),
-            },
-        };
-        let timing = Timing {
-            refresh_at: self.refresh_at,
-            min_lead_ms: millis(self.min_lead),
-            max_jitter_ms: millis(self.max_jitter),
-            min_gap_ms: millis(self.min_refresh_gap),
-            default_lifetime_ms: millis(self.default_lifetime).max(1_000),
-            backoff_base_ms: 1_000,
-            backoff_max_ms: millis(self.max_backoff).max(1_000),
-        };
+        let file = self.load_file()?;
+        let timing = self.timing(&file.timing)?;
 
         Ok(Config {
             socket,
@@ -132,6 +172,52 @@ impl Args {
             max_concurrent_refreshes: self.max_concurrent_refreshes,
             provider_timeout: self.provider_timeout,
             shutdown_grace: self.shutdown_grace,
+        })
+    }
+
+    /// The configuration file, read anew: at start and on SIGHUP.
+    pub fn load_file(&self) -> anyhow::Result<FileConfig> {
+        match &self.config {
+            Some(path) => FileConfig::load(path),
+            None => match default_config_path() {
+                Some(path) if path.exists() => FileConfig::load(&path),
+                _ => Ok(FileConfig::default()),
+            },
+        }
+    }
+
+    /// Timing from the flags, else the file, else the defaults.
+    pub fn timing(&self, file: &TimingConfig) -> anyhow::Result<Timing> {
+        let defaults = Timing::default();
+        let pick = |flag: Option<Duration>, from_file: Option<Duration>, default_ms: u64| {
+            flag.or(from_file).map_or(default_ms, millis)
+        };
+        let refresh_at = self
+            .refresh_at
+            .or(file.refresh_at)
+            .unwrap_or(defaults.refresh_at);
+        if !(0.1..=0.95).contains(&refresh_at) {
+            anyhow::bail!("refresh_at must be between 0.1 and 0.95, not {refresh_at}");
+        }
+
+        Ok(Timing {
+            refresh_at,
+            min_lead_ms: pick(self.min_lead, file.min_lead, defaults.min_lead_ms),
+            max_jitter_ms: pick(self.max_jitter, file.max_jitter, defaults.max_jitter_ms),
+            min_gap_ms: pick(
+                self.min_refresh_gap,
+                file.min_refresh_gap,
+                defaults.min_gap_ms,
+            ),
+            default_lifetime_ms: pick(
+                self.default_lifetime,
+                file.default_lifetime,
+                defaults.default_lifetime_ms,
+            )
+            .max(1_000),
+            backoff_base_ms: defaults.backoff_base_ms,
+            backoff_max_ms: pick(self.max_backoff, file.max_backoff, defaults.backoff_max_ms)
+                .max(1_000),
         })
     }
 }
@@ -149,6 +235,13 @@ impl Args {
 /// [sessions.work]              # who may be served this session's token
 /// allowed_executables = ["/usr/bin/curl"]
 /// allowed_units = ["backup.service"]
+///
+/// [timing]                     # flags override these
+/// refresh_at = 0.8
+/// min_lead = "60s"
+///
+/// [metrics]
+/// listen = "127.0.0.1:9464"    # Prometheus text at /metrics; off when absent
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -159,6 +252,42 @@ pub struct FileConfig {
     pub store: StoreConfig,
     #[serde(default)]
     pub sessions: BTreeMap<String, SessionRules>,
+    #[serde(default)]
+    pub timing: TimingConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Timing settings in the file; each falls back to the built-in default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimingConfig {
+    pub refresh_at: Option<f64>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub min_lead: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub max_jitter: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub min_refresh_gap: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub default_lifetime: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub max_backoff: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A loopback address to serve `/metrics` on.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// "90s", "5m", "1h 30m".
+fn duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map(Some)
+        .map_err(|err| serde::de::Error::custom(format!("{text:?} is not a duration: {err}")))
 }
 
 /// Who may connect, besides the agent's own uid and root.
@@ -194,8 +323,17 @@ impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
-        toml::from_str(&text)
-            .with_context(|| format!("the configuration file {} is invalid", path.display()))
+        let file: FileConfig = toml::from_str(&text)
+            .with_context(|| format!("the configuration file {} is invalid", path.display()))?;
+        if let Some(addr) = file.metrics.listen {
+            if !addr.ip().is_loopback() {
+                anyhow::bail!(
+                    "{}: metrics listen on {addr}, which is not a loopback address",
+                    path.display()
+                );
+            }
+        }
+        Ok(file)
     }
 }
 
@@ -226,5 +364,42 @@ pub fn default_store_dir() -> anyhow::Result<PathBuf> {
         None => anyhow::bail!(
             "neither XDG_STATE_HOME nor HOME is set: pass --store-dir or set TOKEN_AGENT_STORE"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["token-agent"];
+        argv.extend_from_slice(extra);
+        Args::parse_from(argv)
+    }
+
+    #[test]
+    fn flags_beat_the_file_which_beats_the_defaults() {
+        let file: FileConfig =
+            toml::from_str("[timing]\nmin_lead = \"2m\"\nmax_backoff = \"5m\"\n").unwrap();
+        let timing = args(&["--max-backoff", "10s"])
+            .timing(&file.timing)
+            .unwrap();
+        assert_eq!(timing.min_lead_ms, 120_000);
+        assert_eq!(timing.backoff_max_ms, 10_000);
+        assert_eq!(timing.max_jitter_ms, Timing::default().max_jitter_ms);
+    }
+
+    #[test]
+    fn a_broken_file_is_an_error_that_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[timing]\nmin_lead = \"soon\"\n").unwrap();
+        let err = FileConfig::load(&path).unwrap_err();
+        assert!(format!("{err:#}").contains("config.toml"));
+
+        std::fs::write(&path, "[metrics]\nlisten = \"0.0.0.0:9464\"\n").unwrap();
+        assert!(FileConfig::load(&path).is_err());
+        std::fs::write(&path, "[surprise]\n").unwrap();
+        assert!(FileConfig::load(&path).is_err());
     }
 }

@@ -31,7 +31,7 @@ pub mod sessions;
 pub mod shutdown;
 pub mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use tokio::task::JoinHandle;
@@ -45,6 +45,7 @@ use crate::oauth::Provider;
 use crate::peer::AccessPolicy;
 use crate::refresh::Refresher;
 use crate::scheduler::Scheduler;
+use crate::sessions::Sessions;
 use crate::store::Store;
 
 /// A started agent: the store open, every session scheduled, the socket
@@ -70,7 +71,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         store: store.clone(),
         provider: Provider::new(config.provider_timeout)?,
         scheduler: Arc::new(Scheduler::default()),
-        timing: config.timing,
+        sessions: Arc::new(Sessions::default()),
+        timing: RwLock::new(config.timing),
         tasks: TaskTracker::new(),
     });
     let policy = AccessPolicy::new(&config.file.access, &config.file.sessions);

@@ -299,6 +299,7 @@ pub fn classify(raw: &RawAnswer<'_>) -> Answer {
             let provider_error = ProviderError {
                 error: error.clone(),
                 description: string_field(fields, "error_description"),
+                codes: provider_codes(fields),
             };
             return classify_error_code(raw, provider_error);
         }
@@ -365,6 +366,23 @@ fn parse_fields(content_type: Option<&str>, body: &[u8]) -> Option<serde_json::M
         Ok(Value::Object(fields)) => Some(fields),
         _ => None,
     }
+}
+
+/// Microsoft's `error_codes` and `suberror`, as text.
+fn provider_codes(fields: &serde_json::Map<String, Value>) -> Vec<String> {
+    let mut codes: Vec<String> = match fields.get("error_codes") {
+        Some(Value::Array(list)) => list
+            .iter()
+            .filter_map(|code| match code {
+                Value::Number(n) => Some(n.to_string()),
+                Value::String(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    codes.extend(string_field(fields, "suberror"));
+    codes
 }
 
 fn string_field(fields: &serde_json::Map<String, Value>, name: &str) -> Option<String> {
@@ -560,6 +578,11 @@ mod tests {
             let body =
                 format!(r#"{{"error":"invalid_grant","error_description":"{description}"}}"#);
             assert!(matches!(answer(400, JSON, &body), Answer::NeedsSignIn(_)));
+        }
+        let entra = r#"{"error":"invalid_grant","error_description":"AADSTS700082: expired","error_codes":[700082],"suberror":"bad_token"}"#;
+        match answer(400, JSON, entra) {
+            Answer::NeedsSignIn(e) => assert_eq!(e.codes, ["700082", "bad_token"]),
+            other => panic!("classified as {other:?}"),
         }
         let superseded = r#"{"error":"invalid_request","error_description":"Refresh token is invalid or has already been claimed by another client."}"#;
         assert!(matches!(

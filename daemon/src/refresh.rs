@@ -13,7 +13,7 @@
 //! Each refresh runs in its own task: a client that hangs up must not cancel
 //! a request already sent, or its rotated answer would be thrown away.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -26,8 +26,8 @@ use tracing::{error, info, info_span, warn, Instrument};
 use crate::oauth::{Answer, Answered, Provider, TokenAnswer, Transient};
 use crate::schedule::Timing;
 use crate::scheduler::Scheduler;
-use crate::sessions::{now_ms, to_ms, Outcome, Session};
-use crate::store::{InFlight, SessionRecord, StateRecord, Store};
+use crate::sessions::{now_ms, to_ms, Outcome, Session, Sessions};
+use crate::store::{ClientConfig, InFlight, SessionRecord, StateRecord, Store};
 
 /// Why a refresh was asked for; decides whether it is still needed once
 /// the gate is ours.
@@ -48,11 +48,18 @@ pub struct Refresher {
     pub store: Arc<Store>,
     pub provider: Provider,
     pub scheduler: Arc<Scheduler>,
-    pub timing: Timing,
+    pub sessions: Arc<Sessions>,
+    /// Replaced when the configuration is reloaded.
+    pub timing: RwLock<Timing>,
     pub tasks: TaskTracker,
 }
 
 impl Refresher {
+    /// The timing policy in force.
+    pub fn timing(&self) -> Timing {
+        *self.timing.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Refreshes `session` unless the trigger turns out to be moot, and
     /// returns the outcome of the attempt made or joined.
     pub async fn refresh(self: &Arc<Self>, session: Arc<Session>, trigger: Trigger) -> Outcome {
@@ -118,7 +125,7 @@ impl Refresher {
         if let Err(err) = self.store.save(&record).await {
             error!(error = %err, "cannot record the refresh as started; not sending it");
             self.scheduler
-                .schedule(&session.name, now + self.timing.backoff_max_ms);
+                .schedule(&session.name, now + self.timing().backoff_max_ms);
             return Err(store_error(&err));
         }
         session.set_record(record.clone());
@@ -155,7 +162,7 @@ impl Refresher {
         took: Duration,
     ) -> Outcome {
         let received = to_ms(received_at);
-        apply_answer(&mut record, answer, received, &self.timing);
+        apply_answer(&mut record, answer, received, &self.timing());
         record.generation += 1;
         record.refresh_in_flight = None;
         record.interrupted = false;
@@ -178,7 +185,7 @@ impl Refresher {
             );
             *session.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
             self.scheduler
-                .schedule(&session.name, now_ms() + self.timing.backoff_base_ms);
+                .schedule(&session.name, now_ms() + self.timing().backoff_base_ms);
             return Err(store_error(&err));
         }
 
@@ -199,7 +206,7 @@ impl Refresher {
         let _gate = session.gate.lock().await;
         let mut record = session.record().clone();
         let now = now_ms();
-        apply_answer(&mut record, tokens, now, &self.timing);
+        apply_answer(&mut record, tokens, now, &self.timing());
         record.last_refresh_at = Some(now);
         record.next_refresh_at = Some(self.next_refresh(&record));
         set_state(&mut record, SessionState::Fresh, now, None, None);
@@ -217,7 +224,7 @@ impl Refresher {
         if let Err(err) = self.store.save(&record).await {
             error!(error = %err, "the store still refuses the rotated tokens; retrying the write");
             self.scheduler
-                .schedule(&session.name, now_ms() + self.timing.backoff_max_ms);
+                .schedule(&session.name, now_ms() + self.timing().backoff_max_ms);
             return Err(store_error(&err));
         }
         info!("rotated tokens written after an earlier store failure");
@@ -255,7 +262,7 @@ impl Refresher {
         record.consecutive_failures += 1;
         let retry_after = transient.retry_after.map(|d| d.as_millis() as u64);
         let delay =
-            self.timing
+            self.timing()
                 .backoff_ms(record.consecutive_failures, retry_after, rand::random());
         let retry_at = now + delay;
         record.next_refresh_at = Some(retry_at);
@@ -285,7 +292,7 @@ impl Refresher {
                 record.name, transient.reason
             ),
         );
-        reply.retry_at = Some(retry_at / 1000);
+        reply.retry_at = Some(retry_at.div_ceil(1000));
         Err(reply)
     }
 
@@ -360,11 +367,57 @@ impl Refresher {
             Some(provider_error.clone()),
         );
         self.save_or_log(&record).await;
+        self.flag_siblings(session, &record.client, &reason, &provider_error)
+            .await;
         self.install(session, record);
 
         let mut reply = ErrorReply::new(ErrorCode::ClientMisconfigured, reason);
         reply.provider_error = Some(provider_error);
         Err(reply)
+    }
+
+    /// The provider refused the client, not the token: every other session
+    /// of that client at that token endpoint would be refused too, so each
+    /// is marked now instead of spending a request to learn it.
+    async fn flag_siblings(
+        &self,
+        session: &Session,
+        client: &ClientConfig,
+        reason: &str,
+        provider_error: &ProviderError,
+    ) {
+        let now = now_ms();
+        for sibling in self.sessions.all() {
+            if sibling.name == session.name {
+                continue;
+            }
+            let is_same_client = {
+                let other = sibling.record();
+                other.client.token_endpoint == client.token_endpoint
+                    && other.client.client_id == client.client_id
+                    && other.state.state != SessionState::NeedsSignIn
+            };
+            // A sibling whose own refresh is in flight hears the same
+            // answer itself; waiting for its gate here could deadlock.
+            let Ok(_gate) = sibling.gate.try_lock() else {
+                continue;
+            };
+            if !is_same_client {
+                continue;
+            }
+            let mut record = sibling.record().clone();
+            record.next_refresh_at = None;
+            set_state(
+                &mut record,
+                SessionState::ClientMisconfigured,
+                now,
+                Some(reason.to_string()),
+                Some(provider_error.clone()),
+            );
+            self.save_or_log(&record).await;
+            warn!(sibling = %sibling.name, "marked too: same client, same provider");
+            self.install(&sibling, record);
+        }
     }
 
     /// Saves a record whose loss would cost no token: a failure state, or
@@ -402,7 +455,7 @@ impl Refresher {
     }
 
     fn next_refresh(&self, record: &SessionRecord) -> u64 {
-        self.timing.next_refresh(
+        self.timing().next_refresh(
             record.tokens.obtained_at,
             record.tokens.access_expires_at,
             record.tokens.refresh_expires_at,

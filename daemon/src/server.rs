@@ -165,7 +165,7 @@ async fn handle_connection(stream: UnixStream, agent: Arc<Agent>, shutdown: Canc
         Ok(Some(Ok(frame))) => {
             // The refusal answers the hello, so the client reads it as the
             // reply to its first request rather than finding a closed pipe.
-            let reply = if agent.policy.may_connect(&caller) {
+            let reply = if agent.policy().may_connect(&caller) {
                 greet(&frame)
             } else {
                 refuse(&caller)

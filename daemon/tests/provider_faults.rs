@@ -712,8 +712,6 @@ async fn shutdown_waits_for_a_refresh_in_flight_and_stores_it() {
 /// `client_misconfigured` with its refresh token kept, and none of them
 /// asks the provider again until it is imported with a fixed client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: invalid_client flags only the session whose refresh was refused; \
-            its siblings on the same client stay fresh and each hits the provider"]
 async fn rejected_client_flags_every_session_of_that_client() {
     let fake = FakeIdp::start().await;
     let dir = tempdir();

@@ -228,6 +228,10 @@ pub struct ProviderError {
     pub error: String,
     #[serde(default)]
     pub description: Option<String>,
+    /// Provider-specific codes beside the OAuth code, such as Microsoft's
+    /// `error_codes` (`700082`) and `suberror` (`bad_token`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codes: Vec<String>,
 }
 
 /// Stable, machine-readable error codes. New codes may be added; a client
