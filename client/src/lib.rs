@@ -19,8 +19,9 @@ use std::time::Duration;
 
 pub use token_agent_proto as proto;
 use token_agent_proto::{
-    read_frame, write_frame, ErrorCode, ErrorReply, FrameError, ImportSession, Request, Response,
-    Secret, SessionStatus, TokenReply, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, PROTOCOL_VERSION,
+    read_frame, write_frame, AgentInfo, ErrorCode, ErrorReply, FrameError, ImportSession, Request,
+    Response, Secret, SessionStatus, TokenReply, MAX_REQUEST_LEN, MAX_RESPONSE_LEN,
+    PROTOCOL_VERSION,
 };
 
 /// How long a request may take by default. A `get` can wait for a refresh,
@@ -177,6 +178,22 @@ impl Client {
         self.done(&Request::Unlock { passphrase })
     }
 
+    /// The agent's version, pid, uptime, store and sessions by state.
+    pub fn info(&mut self) -> Result<AgentInfo, ClientError> {
+        match self.request(&Request::Info)? {
+            Response::Info(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Counters and histograms in Prometheus text format.
+    pub fn metrics(&mut self) -> Result<String, ClientError> {
+        match self.request(&Request::Metrics)? {
+            Response::Metrics { text } => Ok(text),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub fn ping(&mut self) -> Result<(), ClientError> {
         match self.request(&Request::Ping)? {
             Response::Pong => Ok(()),
@@ -200,6 +217,8 @@ fn unexpected(response: Response) -> ClientError {
         Response::Sessions { .. } => "sessions",
         Response::Status { .. } => "status",
         Response::Done { .. } => "done",
+        Response::Info(_) => "info",
+        Response::Metrics { .. } => "metrics",
         Response::Error(_) => "error",
     };
     ClientError::Protocol(format!("the agent answered with an unexpected {kind}"))

@@ -14,7 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use token_agent_client::proto::{
-    ClientAuth, ErrorCode, ExpirySource, ImportSession, Secret, SessionState, SessionStatus,
+    AgentInfo, ClientAuth, ErrorCode, ExpirySource, ImportSession, Secret, SessionState,
+    SessionStatus,
 };
 use token_agent_client::{default_socket_path, Client, ClientError};
 
@@ -49,7 +50,14 @@ enum Command {
     /// List the sessions.
     List,
     /// Show one session in detail, or all in brief.
-    Status { name: Option<String> },
+    Status {
+        name: Option<String>,
+        /// Print JSON for scripts instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the agent's counters in Prometheus text format.
+    Metrics,
     /// Forget a session and its tokens.
     Remove { name: String },
     /// Refresh a session now.
@@ -191,14 +199,30 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let sessions = agent.list()?;
             print_table(&mut out, &sessions)
         }
-        Command::Status { name: Some(name) } => {
+        Command::Status {
+            name: Some(name),
+            json,
+        } => {
             let session = agent.status(&name)?;
-            print_status(&mut out, &session)
+            if json {
+                print_json(&mut out, &session)
+            } else {
+                print_status(&mut out, &session)
+            }
         }
-        Command::Status { name: None } => {
-            let sessions = agent.list()?;
-            print_table(&mut out, &sessions)
+        Command::Status { name: None, json } => {
+            let info = agent.info()?;
+            let mut sessions = agent.list()?;
+            // What needs a person comes first.
+            sessions.sort_by_key(|s| (!needs_attention(s), s.name.clone()));
+            if json {
+                let both = serde_json::json!({ "agent": info, "sessions": sessions });
+                print_json(&mut out, &both)
+            } else {
+                print_overview(&mut out, &info, &sessions)
+            }
         }
+        Command::Metrics => write!(out, "{}", agent.metrics()?),
         Command::Remove { name } => writeln!(out, "{}", agent.remove(&name)?),
         Command::Refresh { name } => writeln!(out, "{}", agent.refresh(&name)?),
         Command::Ping => {
@@ -357,6 +381,72 @@ fn expiry_words(session: &SessionStatus) -> String {
         Some(at) => format!("expired {}", relative(at)),
         None => "no token".into(),
     }
+}
+
+fn print_json(out: &mut impl Write, value: &impl serde::Serialize) -> std::io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)
+}
+
+fn needs_attention(session: &SessionStatus) -> bool {
+    matches!(
+        session.state,
+        SessionState::NeedsSignIn | SessionState::ClientMisconfigured
+    )
+}
+
+/// The agent, then every session needing a person, then the table.
+fn print_overview(
+    out: &mut impl Write,
+    info: &AgentInfo,
+    sessions: &[SessionStatus],
+) -> std::io::Result<()> {
+    let counts: Vec<String> = info
+        .sessions_by_state
+        .iter()
+        .filter(|(_, count)| **count > 0)
+        .map(|(state, count)| format!("{count} {}", state.replace('_', " ")))
+        .collect();
+    writeln!(
+        out,
+        "agent:    {} (pid {}), up {}",
+        info.agent,
+        info.pid,
+        human(now().saturating_sub(info.started_at))
+    )?;
+    writeln!(out, "socket:   {}", info.socket)?;
+    writeln!(out, "store:    {} ({})", info.store, info.key_source)?;
+    if info.locked {
+        writeln!(
+            out,
+            "LOCKED:   no tokens are served until `tokenctl unlock`"
+        )?;
+    }
+    let summary = if counts.is_empty() {
+        "none".to_string()
+    } else {
+        counts.join(", ")
+    };
+    writeln!(out, "sessions: {summary}")?;
+    writeln!(out)?;
+
+    for session in sessions.iter().filter(|s| needs_attention(s)) {
+        let what = match session.state {
+            SessionState::NeedsSignIn => "NEEDS SIGN-IN",
+            _ => "CLIENT REFUSED",
+        };
+        writeln!(out, "!! {what}: {}", session.name)?;
+        if let Some(reason) = &session.reason {
+            writeln!(out, "   {reason}")?;
+        }
+        let fix = match session.state {
+            SessionState::NeedsSignIn => "sign in again, then `tokenctl import NAME --replace ...`",
+            _ => "fix the client id or secret, then `tokenctl import NAME --replace ...`",
+        };
+        writeln!(out, "   fix: {}", fix.replace("NAME", &session.name))?;
+        writeln!(out)?;
+    }
+    print_table(out, sessions)
 }
 
 fn print_table(out: &mut impl Write, sessions: &[SessionStatus]) -> std::io::Result<()> {

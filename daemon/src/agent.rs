@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use token_agent_proto::{
-    validate_session_name, ClientAuth, ErrorCode, ErrorReply, ImportSession, Request, Response,
-    Secret, SessionState, TokenReply, PROTOCOL_VERSION,
+    validate_session_name, AgentInfo, ClientAuth, ErrorCode, ErrorReply, ImportSession, Request,
+    Response, Secret, SessionState, TokenReply, PROTOCOL_VERSION,
 };
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
@@ -24,9 +24,19 @@ use crate::store::{ClientConfig, SessionRecord, StateRecord, Store, StoreError, 
 /// is slow.
 const WRONG_PASSPHRASE_DELAY: Duration = Duration::from_secs(1);
 
+/// Facts about this agent for `info`, fixed at start.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub started_at: u64,
+    pub socket: String,
+    pub store: String,
+    pub key_source: String,
+}
+
 pub struct Agent {
     pub sessions: Arc<Sessions>,
     pub refresher: Arc<Refresher>,
+    facts: Facts,
     /// Replaced when the configuration is reloaded.
     policy: RwLock<Arc<AccessPolicy>>,
     /// The hash of the lock passphrase while the agent is locked.
@@ -42,10 +52,12 @@ impl Agent {
         store: &Store,
         refresher: Arc<Refresher>,
         policy: AccessPolicy,
+        facts: Facts,
     ) -> Result<Agent, StoreError> {
         let agent = Agent {
             sessions: refresher.sessions.clone(),
             refresher,
+            facts,
             policy: RwLock::new(Arc::new(policy)),
             locked: Mutex::new(None),
             import_lock: tokio::sync::Mutex::new(()),
@@ -101,7 +113,11 @@ impl Agent {
             Request::Get {
                 name,
                 min_valid_secs,
-            } => self.get(&name, min_valid_secs).await.map(Response::Token),
+            } => {
+                let token = self.get(&name, min_valid_secs).await;
+                self.refresher.metrics.got(token.is_ok());
+                token.map(Response::Token)
+            }
             Request::Import(import) => self.import(*import).await.map(done),
             Request::Remove { name } => self.remove(&name).await.map(done),
             Request::List => Ok(Response::Sessions {
@@ -113,8 +129,29 @@ impl Agent {
             Request::Refresh { name } => self.refresh_now(&name).await.map(done),
             Request::Lock { passphrase } => self.lock(passphrase).await.map(done),
             Request::Unlock { passphrase } => self.unlock(passphrase).await.map(done),
+            Request::Info => Ok(Response::Info(self.info())),
+            Request::Metrics => Ok(Response::Metrics {
+                text: self.refresher.metrics.render(&self.sessions),
+            }),
         };
         result.unwrap_or_else(Response::Error)
+    }
+
+    fn info(&self) -> AgentInfo {
+        let sessions_by_state = crate::metrics::sessions_by_state(&self.sessions)
+            .into_iter()
+            .map(|(state, count)| (state.to_string(), count))
+            .collect();
+        AgentInfo {
+            agent: concat!("token-agent ", env!("CARGO_PKG_VERSION")).into(),
+            pid: std::process::id(),
+            started_at: self.facts.started_at / 1000,
+            socket: self.facts.socket.clone(),
+            store: self.facts.store.clone(),
+            key_source: self.facts.key_source.clone(),
+            locked: self.is_locked(),
+            sessions_by_state,
+        }
     }
 
     /// The access rules in force.
@@ -446,6 +483,8 @@ fn is_allowed_while_locked(request: &Request) -> bool {
             | Request::Ping
             | Request::List
             | Request::Status { .. }
+            | Request::Info
+            | Request::Metrics
             | Request::Refresh { .. }
             | Request::Lock { .. }
             | Request::Unlock { .. }

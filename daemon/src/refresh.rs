@@ -23,6 +23,7 @@ use token_agent_proto::{
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
 
+use crate::metrics::{Metrics, RefreshOutcome};
 use crate::oauth::{Answer, Answered, Provider, TokenAnswer, Transient};
 use crate::schedule::Timing;
 use crate::scheduler::Scheduler;
@@ -49,6 +50,7 @@ pub struct Refresher {
     pub provider: Provider,
     pub scheduler: Arc<Scheduler>,
     pub sessions: Arc<Sessions>,
+    pub metrics: Arc<Metrics>,
     /// Replaced when the configuration is reloaded.
     pub timing: RwLock<Timing>,
     pub tasks: TaskTracker,
@@ -91,7 +93,10 @@ impl Refresher {
             return Ok(());
         }
 
+        let started = std::time::Instant::now();
         let outcome = self.attempt(session).await;
+        self.metrics
+            .refreshed(outcome_label(&outcome), started.elapsed());
         session.finish_attempt(outcome.clone());
         outcome
     }
@@ -478,6 +483,18 @@ impl Refresher {
                  from local receipt time, so tokens stay usable, but check the clock"
             );
         }
+    }
+}
+
+fn outcome_label(outcome: &Outcome) -> RefreshOutcome {
+    match outcome {
+        Ok(()) => RefreshOutcome::Success,
+        Err(reply) => match reply.code {
+            ErrorCode::ReauthRequired => RefreshOutcome::NeedsSignIn,
+            ErrorCode::ClientMisconfigured => RefreshOutcome::ClientRejected,
+            ErrorCode::StoreFailed => RefreshOutcome::StoreFailed,
+            _ => RefreshOutcome::Transient,
+        },
     }
 }
 

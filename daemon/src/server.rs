@@ -280,5 +280,7 @@ fn op_name(request: &Request) -> &'static str {
         Request::Refresh { .. } => "refresh",
         Request::Lock { .. } => "lock",
         Request::Unlock { .. } => "unlock",
+        Request::Info => "info",
+        Request::Metrics => "metrics",
     }
 }

@@ -11,24 +11,33 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-pub async fn on_signal(shutdown: CancellationToken) {
-    let (Ok(mut term), Ok(mut int)) = (
+/// Cancels `shutdown` on SIGTERM or SIGINT; calls `reload` on SIGHUP.
+pub async fn watch_signals(shutdown: CancellationToken, reload: impl Fn() + Send + 'static) {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
-        warn!("cannot watch SIGTERM and SIGINT; stop the agent with SIGKILL only as a last resort");
+        warn!("cannot watch signals; stop the agent with SIGKILL only as a last resort");
         return;
     };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    info!(
-        signal = name,
-        "stopping: no new connections; finishing refreshes in flight"
-    );
-    shutdown.cancel();
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = hup.recv() => {
+                info!(signal = "SIGHUP", "reloading the configuration");
+                reload();
+                continue;
+            }
+        };
+        info!(
+            signal = name,
+            "stopping: no new connections; finishing refreshes in flight"
+        );
+        shutdown.cancel();
+        return;
+    }
 }
 
 /// Waits for refreshes and open requests to finish, up to `grace`.

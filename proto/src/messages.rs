@@ -50,6 +50,10 @@ pub enum Request {
     Unlock {
         passphrase: Secret,
     },
+    /// The agent's own facts: version, pid, uptime, store, sessions by state.
+    Info,
+    /// Counters and histograms in Prometheus text format.
+    Metrics,
 }
 
 /// How the client authenticates itself at the token endpoint.
@@ -126,6 +130,10 @@ pub enum Response {
     /// The request was carried out; the message says what happened.
     Done {
         message: String,
+    },
+    Info(AgentInfo),
+    Metrics {
+        text: String,
     },
     Error(ErrorReply),
 }
@@ -205,6 +213,22 @@ pub struct SessionStatus {
     #[serde(default)]
     pub remove_at: Option<u64>,
     pub has_refresh_token: bool,
+}
+
+/// What `info` tells about the agent itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// "token-agent 0.1.0".
+    pub agent: String,
+    pub pid: u32,
+    pub started_at: u64,
+    pub socket: String,
+    pub store: String,
+    /// Where the store's key comes from, in words.
+    pub key_source: String,
+    pub locked: bool,
+    /// Every state with its count, zeros included.
+    pub sessions_by_state: std::collections::BTreeMap<String, u64>,
 }
 
 /// A failed request.

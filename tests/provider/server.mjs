@@ -137,6 +137,7 @@ function sendJson(res, status, obj) {
 const TOKEN_PATH = '/token'; // oidc-provider default routes
 const CLIENT_AUTH_PATHS = new Set([TOKEN_PATH, '/token/introspection', '/token/revocation']);
 let callback; // provider.callback(), set once the issuer (which needs the port) is known
+let tokenDelayMs = 0; // set by POST /test/token-delay?ms=N
 
 const server = http.createServer((req, res) => {
   if (!callback) return sendJson(res, 503, { error: 'starting' });
@@ -144,6 +145,12 @@ const server = http.createServer((req, res) => {
 
   if (pathname === '/test/stats' && req.method === 'GET') {
     return sendJson(res, 200, { ...stats, distinct_refresh_tokens: seen.size });
+  }
+  if (pathname === '/test/token-delay' && req.method === 'POST') {
+    // Holds every token answer back this long after the provider has made it, so a test can
+    // stop the agent while a refresh that already rotated the token is still on its way.
+    tokenDelayMs = Number(new URL(req.url, 'http://x').searchParams.get('ms') ?? 0);
+    return sendJson(res, 200, { ok: true, ms: tokenDelayMs });
   }
   if (pathname === '/test/reset-stats' && req.method === 'POST') {
     stats.refresh_requests = 0;
@@ -163,6 +170,10 @@ const server = http.createServer((req, res) => {
       const params = new URLSearchParams(req.body.toString('utf8'));
       // Counted before any authentication check: every presentation counts, even refused ones.
       if (pathname === TOKEN_PATH) recordTokenRequest(params);
+      if (pathname === TOKEN_PATH && tokenDelayMs > 0) {
+        const end = res.end.bind(res);
+        res.end = (...args) => setTimeout(() => end(...args), tokenDelayMs);
+      }
       const want = STRICT && wrongAuthMethod(req, params);
       if (want) {
         return sendJson(res, 401, {

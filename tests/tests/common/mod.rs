@@ -105,6 +105,12 @@ impl Provider {
         self.http("POST", "/test/reset-stats", None, &[]);
     }
 
+    /// Holds every token answer back this long after the provider made it.
+    pub fn set_token_delay(&self, delay: Duration) {
+        let path = format!("/test/token-delay?ms={}", delay.as_millis());
+        self.http("POST", &path, None, &[]);
+    }
+
     /// Asks the provider whether `token` is active, as client agent-basic.
     pub fn is_active(&self, token: &str) -> bool {
         let body = format!("token={}", form_encode(token));
