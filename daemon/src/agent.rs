@@ -248,7 +248,7 @@ impl Agent {
         if let Some(token) = session.servable(now, min_valid_ms) {
             return Ok(token);
         }
-        self.check_refresh_may_help(&session, now)?;
+        self.check_refresh_may_help(&session, now, min_valid_ms)?;
 
         debug!(session = %name, "token too close to expiry; refreshing on demand");
         self.refresher
@@ -260,7 +260,12 @@ impl Agent {
     /// Answers at once when a refresh cannot give a better token now, so a
     /// client never waits on a dead session and never drives the provider
     /// harder than the backoff allows.
-    fn check_refresh_may_help(&self, session: &Session, now: u64) -> Result<(), ErrorReply> {
+    fn check_refresh_may_help(
+        &self,
+        session: &Session,
+        now: u64,
+        min_valid_ms: u64,
+    ) -> Result<(), ErrorReply> {
         let record = session.record();
         match record.state.state {
             SessionState::NeedsSignIn => return Err(reauth_error(&record)),
@@ -298,15 +303,20 @@ impl Agent {
             SessionState::Fresh | SessionState::Refreshing => {}
         }
 
-        // A valid token that is merely shorter than asked for, fetched a
-        // moment ago: another refresh would bring the same lifetime.
+        // A valid token whose whole lifetime is shorter than asked for,
+        // fetched a moment ago: another refresh would bring the same
+        // lifetime, and asking again and again would be a refresh loop.
+        let lifetime = record
+            .tokens
+            .access_expires_at
+            .saturating_sub(record.tokens.obtained_at);
         let has_valid =
             record.tokens.access_token.is_some() && record.tokens.access_expires_at > now;
         let refreshed_recently = record
             .last_refresh_at
             .is_some_and(|at| now.saturating_sub(at) < self.refresher.timing().min_gap_ms);
-        if has_valid && refreshed_recently {
-            return Err(insufficient_validity(&record));
+        if has_valid && refreshed_recently && lifetime <= min_valid_ms {
+            return Err(insufficient_validity(&record, min_valid_ms));
         }
         Ok(())
     }

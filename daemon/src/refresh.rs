@@ -623,17 +623,18 @@ fn store_error(err: &crate::store::StoreError) -> ErrorReply {
     )
 }
 
-pub fn insufficient_validity(record: &SessionRecord) -> ErrorReply {
+pub fn insufficient_validity(record: &SessionRecord, min_valid_ms: u64) -> ErrorReply {
     ErrorReply::new(
         ErrorCode::InsufficientValidity,
         format!(
-            "session {}: the provider's tokens live {} s, less than the validity asked for",
+            "session {}: the provider's tokens live {} s, less than the {} s asked for",
             record.name,
             record
                 .tokens
                 .access_expires_at
                 .saturating_sub(record.tokens.obtained_at)
-                / 1000
+                / 1000,
+            min_valid_ms.div_ceil(1000)
         ),
     )
 }
@@ -647,7 +648,7 @@ pub fn token_or_error(session: &Session, min_valid_ms: u64) -> Result<TokenReply
     }
     let record = session.record();
     if record.tokens.access_token.is_some() && record.tokens.access_expires_at > now {
-        return Err(insufficient_validity(&record));
+        return Err(insufficient_validity(&record, min_valid_ms));
     }
     Err(ErrorReply::new(
         ErrorCode::TemporarilyUnavailable,

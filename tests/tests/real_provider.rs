@@ -261,3 +261,29 @@ fn tokenctl_exit_codes_tell_the_cases_apart() {
         Some(1)
     );
 }
+
+#[test]
+fn a_get_asking_more_than_the_token_has_left_refreshes_when_a_new_token_would_do() {
+    let provider = Provider::start(ACCESS_TTL);
+    let ws = Workspace::new();
+    let _agent = ws.start_agent(&[]);
+    // Idle, so nothing refreshes ahead: the 5 s token has ~1.5 s left.
+    ws.import(&provider, "work", &["--idle-timeout", "1s"]);
+    std::thread::sleep(Duration::from_millis(3500));
+
+    // A fresh token lives 5 s, so 3 s is a fair ask: refresh and serve.
+    let token = ws.tokenctl_ok(&["get", "work", "--min-valid", "3s"]);
+    assert!(provider.is_active(token.trim()));
+    assert_eq!(provider.stats()["refresh_requests"], Value::from(2));
+
+    // 10 s is more than any token of this provider lives: say so, without
+    // another refresh.
+    let output = ws.tokenctl(&["get", "work", "--min-valid", "10s"]);
+    assert_eq!(output.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("live 5 s") && message.contains("10 s"),
+        "{message}"
+    );
+    assert_eq!(provider.stats()["refresh_requests"], Value::from(2));
+}
