@@ -272,3 +272,38 @@ fn status_puts_sessions_needing_sign_in_first_and_metrics_count_refreshes() {
     assert!(metrics.contains("token_agent_gets_total{result=\"served\"} 1"));
     assert!(metrics.contains("token_agent_sessions{state=\"needs_sign_in\"} 1"));
 }
+
+#[test]
+fn metrics_are_served_over_http_on_loopback_when_configured() {
+    use std::io::{Read, Write};
+
+    // A free port: bind, note it, let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ws = Workspace::new();
+    let config = ws.secret_file(
+        "config.toml",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let _agent = ws.start_agent(&["--config", config.to_str().unwrap()]);
+
+    let mut body = String::new();
+    wait_until(Duration::from_secs(10), "metrics answer over HTTP", || {
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        body.clear();
+        stream.read_to_string(&mut body).is_ok() && body.starts_with("HTTP/1.1 200")
+    });
+    assert!(
+        body.contains("token_agent_sessions{state=\"fresh\"} 0"),
+        "{body}"
+    );
+    assert!(body.contains("# TYPE token_agent_refreshes_total counter"));
+}
