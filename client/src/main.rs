@@ -425,7 +425,9 @@ const SIGN_IN_WARNING_SECS: u64 = 24 * 3600;
 /// The refresh token's deadline, when it comes within a day: the session
 /// dies then whatever the agent does, so the user should sign in before.
 fn refresh_ends_soon(session: &SessionStatus) -> Option<u64> {
-    let at = session.refresh_expires_at.filter(|_| session.has_refresh_token)?;
+    let at = session
+        .refresh_expires_at
+        .filter(|_| session.has_refresh_token)?;
     (at <= now() + SIGN_IN_WARNING_SECS).then_some(at)
 }
 
@@ -481,7 +483,9 @@ fn print_overview(
             writeln!(out, "   {reason}")?;
         }
         let fix = match session.state {
-            SessionState::NeedsSignIn => "`tokenctl login NAME --replace` (or import a new refresh token)",
+            SessionState::NeedsSignIn => {
+                "`tokenctl login NAME --replace` (or import a new refresh token)"
+            }
             _ => "fix the client id or secret, then `tokenctl import NAME --replace ...`",
         };
         writeln!(out, "   fix: {}", fix.replace("NAME", &session.name))?;
@@ -495,7 +499,11 @@ fn print_overview(
                 "   its refresh token runs out {}; then the session dies",
                 relative(at)
             )?;
-            writeln!(out, "   fix: `tokenctl login {} --replace` before then", session.name)?;
+            writeln!(
+                out,
+                "   fix: `tokenctl login {} --replace` before then",
+                session.name
+            )?;
             writeln!(out)?;
         }
     }

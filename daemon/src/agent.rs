@@ -400,7 +400,10 @@ impl Agent {
         let session = self.find(name)?;
         let gate = session.gate.lock().await;
         let record = session.record().clone();
-        let revoked = match (&record.tokens.refresh_token, &record.client.revocation_endpoint) {
+        let revoked = match (
+            &record.tokens.refresh_token,
+            &record.client.revocation_endpoint,
+        ) {
             (None, _) => "it held no refresh token to revoke".to_string(),
             (Some(_), None) => "the provider has no revocation endpoint, so its refresh \
                  token was not revoked and stays valid at the provider until it expires"

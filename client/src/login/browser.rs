@@ -12,7 +12,8 @@ use tokio::net::{TcpListener, TcpStream};
 /// The path the provider redirects to on the loopback listener.
 pub const CALLBACK_PATH: &str = "/callback";
 
-const CLOSE_PAGE: &str = "<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenctl</title></head>\
+const CLOSE_PAGE: &str =
+    "<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenctl</title></head>\
 <body><p>Signed in. You can close this tab and return to the terminal.</p></body></html>";
 
 /// A PKCE verifier and its S256 challenge.
@@ -93,10 +94,11 @@ async fn answer(mut stream: TcpStream, state: &str) -> Option<Result<String, Str
     let mut buffer = vec![0u8; 8192];
     let mut filled = 0;
     let head_end = loop {
-        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer[filled..]))
-            .await
-            .ok()?
-            .ok()?;
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer[filled..]))
+                .await
+                .ok()?
+                .ok()?;
         if read == 0 {
             return None;
         }
@@ -121,13 +123,27 @@ async fn answer(mut stream: TcpStream, state: &str) -> Option<Result<String, Str
             .map(|(_, v)| v.into_owned())
     };
     if param("state").as_deref() != Some(state) {
-        respond(&mut stream, "400 Bad Request", "This sign-in does not belong to tokenctl's request (state mismatch).").await;
-        return Some(Err("the redirect's state does not match the request; nothing was signed in".into()));
+        respond(
+            &mut stream,
+            "400 Bad Request",
+            "This sign-in does not belong to tokenctl's request (state mismatch).",
+        )
+        .await;
+        return Some(Err(
+            "the redirect's state does not match the request; nothing was signed in".into(),
+        ));
     }
     if let Some(error) = param("error") {
         let description = param("error_description").unwrap_or_default();
-        respond(&mut stream, "200 OK", "The sign-in failed; see the terminal.").await;
-        return Some(Err(format!("the provider refused the sign-in: {error} {description}")));
+        respond(
+            &mut stream,
+            "200 OK",
+            "The sign-in failed; see the terminal.",
+        )
+        .await;
+        return Some(Err(format!(
+            "the provider refused the sign-in: {error} {description}"
+        )));
     }
     let Some(code) = param("code") else {
         respond(&mut stream, "400 Bad Request", "No code in the redirect.").await;
@@ -158,8 +174,9 @@ mod tests {
     #[test]
     fn the_challenge_is_the_s256_of_the_verifier() {
         // RFC 7636 appendix B.
-        let challenge =
-            URL_SAFE_NO_PAD.encode(Sha256::digest(b"dBjftJeZ4CVP-mJ0kzX9hGtIZKTEkNbNl-VH0S2xAj0"));
+        let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(
+            b"dBjftJeZ4CVP-mJ0kzX9hGtIZKTEkNbNl-VH0S2xAj0",
+        ));
         assert_eq!(challenge, "E9Melhoa2OwvFrEMTJguCHoeRwg4NrONqfnN4KE4vEg");
         let pkce = Pkce::new();
         assert_eq!(pkce.verifier.len(), 43);

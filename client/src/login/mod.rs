@@ -169,17 +169,20 @@ fn settings(args: &LoginArgs) -> Result<Settings, String> {
         Some("none") | None if client_secret.is_none() => ClientAuth::None,
         Some("none") => return Err("client auth none takes no client secret".into()),
         None => ClientAuth::Basic,
-        Some(other) => return Err(format!("client_auth {other:?}: expected basic, post or none")),
+        Some(other) => {
+            return Err(format!(
+                "client_auth {other:?}: expected basic, post or none"
+            ))
+        }
     };
     if client_auth != ClientAuth::None && client_secret.is_none() {
         return Err("this client authentication needs --client-secret-file".into());
     }
     let flow = match (args.flow, profile.flow.as_deref()) {
         (Some(flow), _) => Some(flow),
-        (None, Some(word)) => Some(
-            Flow::from_str(word, true)
-                .map_err(|_| format!("flow {word:?}: expected device, browser or client-credentials"))?,
-        ),
+        (None, Some(word)) => Some(Flow::from_str(word, true).map_err(|_| {
+            format!("flow {word:?}: expected device, browser or client-credentials")
+        })?),
         (None, None) => None,
     };
     let mut auth_params: Vec<(String, String)> = profile.auth_params.clone().into_iter().collect();
@@ -217,7 +220,10 @@ fn settings(args: &LoginArgs) -> Result<Settings, String> {
         offline: args.offline || profile.offline.unwrap_or(false),
         discovery: !args.no_discovery && profile.discovery.unwrap_or(true),
         explicit: Endpoints {
-            token_endpoint: args.token_endpoint.clone().or(profile.token_endpoint.clone()),
+            token_endpoint: args
+                .token_endpoint
+                .clone()
+                .or(profile.token_endpoint.clone()),
             authorization_endpoint: args
                 .authorization_endpoint
                 .clone()
@@ -277,7 +283,9 @@ async fn login(mut settings: Settings) -> Result<SignedIn, String> {
     let scope = scopes.join(" ");
     let tokens = match flow {
         Flow::Device => device_flow(&http, &settings, &endpoints, &token_endpoint, &scope).await?,
-        Flow::Browser => browser_flow(&http, &settings, &endpoints, &token_endpoint, &scopes).await?,
+        Flow::Browser => {
+            browser_flow(&http, &settings, &endpoints, &token_endpoint, &scopes).await?
+        }
         Flow::ClientCredentials => {
             let mut form = vec![("grant_type", "client_credentials")];
             if !scope.is_empty() {
@@ -364,7 +372,10 @@ async fn endpoints(http: &reqwest::Client, settings: &Settings) -> Result<Endpoi
         .device_authorization_endpoint
         .or(found.device_authorization_endpoint);
     found.revocation_endpoint = explicit.revocation_endpoint.or(found.revocation_endpoint);
-    found.userinfo_endpoint = settings.userinfo_endpoint.clone().or(found.userinfo_endpoint);
+    found.userinfo_endpoint = settings
+        .userinfo_endpoint
+        .clone()
+        .or(found.userinfo_endpoint);
     Ok(found)
 }
 
@@ -433,9 +444,7 @@ fn check_tokens(tokens: &Tokens, flow: Flow, issuer: &str) -> Result<(), String>
             "the provider signed you in but sent no refresh token, so the agent could not keep \
              the session alive; nothing was imported.",
         );
-        why.push_str(
-            " Ask for a long-lived session: --offline (adds offline_access where listed)",
-        );
+        why.push_str(" Ask for a long-lived session: --offline (adds offline_access where listed)");
         if google {
             why.push_str(", and for Google --auth-param access_type=offline --auth-param prompt=consent (Google sends a refresh token only on first consent otherwise)");
         } else {
@@ -480,9 +489,13 @@ async fn device_flow(
     }
 
     let spinner = Spinner::new();
-    let result = oauth::poll_device(http, token_endpoint, &settings.client, &device, |wait, deadline| {
-        spinner.wait(wait, deadline)
-    })
+    let result = oauth::poll_device(
+        http,
+        token_endpoint,
+        &settings.client,
+        &device,
+        |wait, deadline| spinner.wait(wait, deadline),
+    )
     .await;
     drop(spinner);
     result.map_err(|err| err.to_string())
@@ -535,7 +548,10 @@ async fn browser_flow(
     if !settings.no_browser && browser::has_browser() && webbrowser::open(url.as_str()).is_ok() {
         eprintln!("(a browser was opened)");
     }
-    eprintln!("Waiting for the provider to send you back to {} ...", loopback.redirect_uri);
+    eprintln!(
+        "Waiting for the provider to send you back to {} ...",
+        loopback.redirect_uri
+    );
 
     let code = loopback.wait_for_code(&state, BROWSER_TIMEOUT).await?;
     let form = vec![
@@ -553,8 +569,16 @@ async fn browser_flow(
 /// token's payload is decoded without checking its signature, which is
 /// fine because nothing is decided by it; it came straight from the token
 /// endpoint over the connection the tokens came on.
-async fn identity(http: &reqwest::Client, tokens: &Tokens, endpoints: &Endpoints) -> Option<Identity> {
-    if let Some(claims) = tokens.id_token.as_ref().and_then(|t| jwt_claims(t.expose())) {
+async fn identity(
+    http: &reqwest::Client,
+    tokens: &Tokens,
+    endpoints: &Endpoints,
+) -> Option<Identity> {
+    if let Some(claims) = tokens
+        .id_token
+        .as_ref()
+        .and_then(|t| jwt_claims(t.expose()))
+    {
         let identity = identity_from(&claims);
         if !identity.is_empty() {
             return Some(identity);
@@ -600,10 +624,8 @@ struct Spinner {
 
 impl Spinner {
     fn new() -> Spinner {
-        let bar = indicatif::ProgressBar::with_draw_target(
-            None,
-            indicatif::ProgressDrawTarget::stderr(),
-        );
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
         bar.set_style(
             indicatif::ProgressStyle::with_template("{spinner} {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),

@@ -225,7 +225,9 @@ pub async fn device_authorization(
     let fields = post_form(http, endpoint, client, form).await?;
     let missing = |what: &str| OAuthError::Transport(format!("{endpoint} gave no {what}"));
     Ok(DeviceAuthorization {
-        device_code: Secret::new(text(&fields, "device_code").ok_or_else(|| missing("device_code"))?),
+        device_code: Secret::new(
+            text(&fields, "device_code").ok_or_else(|| missing("device_code"))?,
+        ),
         user_code: text(&fields, "user_code").ok_or_else(|| missing("user_code"))?,
         // Google's older endpoint says verification_url.
         verification_uri: text(&fields, "verification_uri")

@@ -73,8 +73,12 @@ pub fn config_path(flag: Option<&Path>) -> Option<PathBuf> {
 
 /// Reads profile `name` from the file at `path`.
 pub fn load(path: &Path, name: &str) -> Result<Profile, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| format!("cannot read the configuration file {}: {err}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        format!(
+            "cannot read the configuration file {}: {err}",
+            path.display()
+        )
+    })?;
     let mut file: ConfigFile = toml::from_str(&text)
         // The message only: the full error quotes the offending line, which
         // could be a secret someone pasted in by mistake.
@@ -85,9 +89,10 @@ pub fn load(path: &Path, name: &str) -> Result<Profile, String> {
                 err.message()
             )
         })?;
-    let mut profile = file.profiles.remove(name).ok_or_else(|| {
-        format!("no profile [profiles.{name}] in {}", path.display())
-    })?;
+    let mut profile = file
+        .profiles
+        .remove(name)
+        .ok_or_else(|| format!("no profile [profiles.{name}] in {}", path.display()))?;
     profile.client_secret_file = profile.client_secret_file.map(|p| expand_home(&p));
     Ok(profile)
 }
