@@ -24,7 +24,10 @@ pub struct Pkce {
 
 impl Pkce {
     pub fn new() -> Pkce {
-        let verifier = random_text();
+        Pkce::from_verifier(random_text())
+    }
+
+    fn from_verifier(verifier: String) -> Pkce {
         let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
         Pkce {
             verifier,
@@ -174,10 +177,8 @@ mod tests {
     #[test]
     fn the_challenge_is_the_s256_of_the_verifier() {
         // RFC 7636 appendix B.
-        let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(
-            b"dBjftJeZ4CVP-mJ0kzX9hGtIZKTEkNbNl-VH0S2xAj0",
-        ));
-        assert_eq!(challenge, "E9Melhoa2OwvFrEMTJguCHoeRwg4NrONqfnN4KE4vEg");
+        let rfc = Pkce::from_verifier("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk".into());
+        assert_eq!(rfc.challenge, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
         let pkce = Pkce::new();
         assert_eq!(pkce.verifier.len(), 43);
         assert_ne!(pkce.verifier, pkce.challenge);

@@ -279,13 +279,18 @@ where
     S: FnMut(Duration, Instant) -> F,
     F: Future<Output = ()>,
 {
-    let deadline = Instant::now() + Duration::from_secs(device.expires_in);
+    let lifetime = Duration::from_secs(device.expires_in);
+    let deadline = Instant::now() + lifetime;
     let mut interval = Duration::from_secs(device.interval);
+    // The waits asked for, beside the clock: a poll that cannot come before
+    // the code expires is not made, whichever runs out first.
+    let mut waited = Duration::ZERO;
     loop {
-        if Instant::now() + interval > deadline {
+        if waited + interval > lifetime || Instant::now() + interval > deadline {
             return Err(DeviceError::Expired);
         }
         sleep(interval, deadline).await;
+        waited += interval;
         let form = vec![
             ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
             ("device_code", device.device_code.expose()),
@@ -384,4 +389,281 @@ fn seconds(fields: &Map<String, Value>, name: &str) -> Option<u64> {
 /// RFC 6749 2.3.1: Basic credentials are form-encoded before base64.
 fn form_encode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    /// A token endpoint answering a script of (content type, body) pairs,
+    /// one per request, recording each request's head and body.
+    struct FakeEndpoint {
+        url: String,
+        seen: Arc<Mutex<Vec<String>>>,
+    }
+
+    fn fake(script: Vec<(&'static str, String)>) -> FakeEndpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        std::thread::spawn(move || {
+            for (content_type, body) in script {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Head, then as much body as Content-Length says.
+                loop {
+                    let n = stream.read(&mut buf).unwrap_or(0);
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request).to_string();
+                    if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if rest.len() >= length {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                record
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&request).into_owned());
+                let status = if body.contains("\"error\"") {
+                    "400 Bad Request"
+                } else {
+                    "200 OK"
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        FakeEndpoint { url, seen }
+    }
+
+    fn error(code: &str) -> (&'static str, String) {
+        ("application/json", format!(r#"{{"error":"{code}"}}"#))
+    }
+
+    fn tokens() -> (&'static str, String) {
+        (
+            "application/json",
+            r#"{"access_token":"at","token_type":"Bearer","expires_in":300,"refresh_token":"rt"}"#
+                .into(),
+        )
+    }
+
+    fn public_client() -> OAuthClient {
+        OAuthClient {
+            client_id: "cli".into(),
+            client_secret: None,
+            client_auth: ClientAuth::None,
+        }
+    }
+
+    fn device(interval: u64, expires_in: u64) -> DeviceAuthorization {
+        DeviceAuthorization {
+            device_code: Secret::new("dc"),
+            user_code: "ABCD-EFGH".into(),
+            verification_uri: "https://id.example/device".into(),
+            verification_uri_complete: None,
+            expires_in,
+            interval,
+        }
+    }
+
+    /// Polls `endpoint` with sleeps that return at once, recording the
+    /// waits asked for.
+    fn poll(
+        endpoint: &FakeEndpoint,
+        device: DeviceAuthorization,
+    ) -> (Result<Tokens, DeviceError>, Vec<u64>) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let http = http_client().unwrap();
+        let waits = Arc::new(Mutex::new(Vec::new()));
+        let record = waits.clone();
+        let result = runtime.block_on(poll_device(
+            &http,
+            &endpoint.url,
+            &public_client(),
+            &device,
+            move |wait, _| {
+                record.lock().unwrap().push(wait.as_secs());
+                std::future::ready(())
+            },
+        ));
+        let waits = waits.lock().unwrap().clone();
+        (result, waits)
+    }
+
+    #[test]
+    fn authorization_pending_polls_again_at_the_interval() {
+        let endpoint = fake(vec![
+            error("authorization_pending"),
+            error("authorization_pending"),
+            tokens(),
+        ]);
+        let (result, waits) = poll(&endpoint, device(2, 600));
+        assert_eq!(result.unwrap().access_token.expose(), "at");
+        assert_eq!(waits, [2, 2, 2]);
+        let seen = endpoint.seen.lock().unwrap();
+        assert!(seen.iter().all(|r| r
+            .contains("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code")
+            && r.contains("device_code=dc")
+            && r.contains("client_id=cli")));
+    }
+
+    #[test]
+    fn slow_down_adds_five_seconds_to_every_later_poll() {
+        let endpoint = fake(vec![
+            error("authorization_pending"),
+            error("slow_down"),
+            error("authorization_pending"),
+            error("slow_down"),
+            tokens(),
+        ]);
+        let (result, waits) = poll(&endpoint, device(1, 600));
+        assert!(result.is_ok());
+        assert_eq!(waits, [1, 1, 6, 6, 11]);
+    }
+
+    #[test]
+    fn expired_token_ends_the_sign_in() {
+        let endpoint = fake(vec![error("authorization_pending"), error("expired_token")]);
+        let (result, waits) = poll(&endpoint, device(1, 600));
+        assert!(matches!(result, Err(DeviceError::Expired)));
+        assert_eq!(waits.len(), 2);
+    }
+
+    #[test]
+    fn access_denied_ends_the_sign_in() {
+        let endpoint = fake(vec![error("access_denied")]);
+        let (result, _) = poll(&endpoint, device(1, 600));
+        let err = result.unwrap_err();
+        assert!(matches!(err, DeviceError::Denied));
+        assert!(err.to_string().contains("refused"));
+    }
+
+    #[test]
+    fn polling_stops_when_the_code_runs_out_locally() {
+        // Twelve seconds of life, five-second polls: two polls fit.
+        let endpoint = fake(vec![
+            error("authorization_pending"),
+            error("authorization_pending"),
+            error("authorization_pending"),
+        ]);
+        let (result, waits) = poll(&endpoint, device(5, 12));
+        assert!(matches!(result, Err(DeviceError::Expired)));
+        assert_eq!(waits, [5, 5]);
+    }
+
+    #[test]
+    fn another_error_is_final_and_named() {
+        let endpoint = fake(vec![error("invalid_client")]);
+        let (result, _) = poll(&endpoint, device(1, 600));
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("invalid_client"), "{err}");
+    }
+
+    fn exchange(endpoint: &FakeEndpoint, client: &OAuthClient) -> Result<Tokens, OAuthError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let http = http_client().unwrap();
+        runtime.block_on(token_request(
+            &http,
+            &endpoint.url,
+            client,
+            vec![("grant_type", "authorization_code"), ("code", "c")],
+        ))
+    }
+
+    /// GitHub: no discovery, form-encoded answers unless JSON is asked for,
+    /// and rotating refresh tokens with their own expiry.
+    #[test]
+    fn github_form_answers_and_refresh_token_expiry_are_read() {
+        let endpoint = fake(vec![(
+            "application/x-www-form-urlencoded; charset=utf-8",
+            "access_token=ghu_x&expires_in=28800&refresh_token=ghr_x&refresh_token_expires_in=15811200&scope=&token_type=bearer".into(),
+        )]);
+        let tokens = exchange(&endpoint, &public_client()).unwrap();
+        assert_eq!(tokens.expires_in, Some(28800));
+        assert_eq!(tokens.refresh_expires_in, Some(15811200));
+        assert_eq!(tokens.refresh_token.unwrap().expose(), "ghr_x");
+        let seen = endpoint.seen.lock().unwrap();
+        assert!(seen[0]
+            .to_ascii_lowercase()
+            .contains("accept: application/json"));
+    }
+
+    /// Entra (v1) sends `expires_in` as a string; Keycloak adds
+    /// `refresh_expires_in`.
+    #[test]
+    fn string_lifetimes_and_keycloak_refresh_deadlines_are_read() {
+        let endpoint = fake(vec![
+            (
+                "application/json",
+                r#"{"access_token":"a","token_type":"Bearer","expires_in":"3599","refresh_token":"r"}"#.into(),
+            ),
+            (
+                "application/json",
+                r#"{"access_token":"a","token_type":"bearer","expires_in":300,"refresh_expires_in":1800,"refresh_token":"r"}"#.into(),
+            ),
+        ]);
+        let entra = exchange(&endpoint, &public_client()).unwrap();
+        assert_eq!(entra.expires_in, Some(3599));
+        let keycloak = exchange(&endpoint, &public_client()).unwrap();
+        assert_eq!(keycloak.refresh_expires_in, Some(1800));
+    }
+
+    #[test]
+    fn client_secret_basic_and_post_are_sent_as_registered() {
+        let endpoint = fake(vec![tokens(), tokens()]);
+        let mut client = OAuthClient {
+            client_id: "cli id".into(),
+            client_secret: Some(Secret::new("s&cret")),
+            client_auth: ClientAuth::Basic,
+        };
+        exchange(&endpoint, &client).unwrap();
+        client.client_auth = ClientAuth::Post;
+        exchange(&endpoint, &client).unwrap();
+        let seen = endpoint.seen.lock().unwrap();
+        // RFC 6749 2.3.1: form-encoded before base64: "cli+id:s%26cret".
+        let basic = URL_SAFE_ENGINE.encode("cli+id:s%26cret");
+        assert!(
+            seen[0].contains(&format!("authorization: Basic {basic}"))
+                || seen[0].contains(&format!("Authorization: Basic {basic}")),
+            "{}",
+            seen[0]
+        );
+        assert!(!seen[0].contains("client_secret="));
+        assert!(seen[1].contains("client_secret=s%26cret") && seen[1].contains("client_id=cli+id"));
+        assert!(!seen[1]
+            .to_ascii_lowercase()
+            .contains("authorization: basic"));
+    }
+
+    use base64::engine::general_purpose::STANDARD as URL_SAFE_ENGINE;
+    use base64::Engine;
 }
