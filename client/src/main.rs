@@ -195,8 +195,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
 
     if let Command::Login(args) = &cli.command {
-        // The agent answered above, so the sign-in is not wasted. The
-        // connection is made anew for the import: a sign-in can take minutes.
+        // The agent answered above, and the name is free, so the sign-in is
+        // not wasted. The connection is made anew for the import: a sign-in
+        // can take minutes.
+        if !args.replace() && agent.status(args.name()).is_ok() {
+            return Err(Failure {
+                message: format!(
+                    "a session named {} exists; pass --replace to sign in again over it",
+                    args.name()
+                ),
+                exit_code: 1,
+            });
+        }
         drop(agent);
         let signed_in = login::sign_in(args).map_err(failure)?;
         let who = signed_in

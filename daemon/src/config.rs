@@ -411,4 +411,14 @@ mod tests {
         std::fs::write(&path, "[surprise]\n").unwrap();
         assert!(FileConfig::load(&path).is_err());
     }
+
+    #[test]
+    fn sign_in_profiles_in_the_file_are_accepted_and_left_to_tokenctl() {
+        let file: FileConfig = toml::from_str(
+            "[profiles.work]\nissuer = \"https://id.example\"\nclient_id = \"cli\"\n\
+             scopes = [\"openid\"]\nflow = \"device\"\n",
+        )
+        .unwrap();
+        assert!(file.profiles.contains_key("work"));
+    }
 }

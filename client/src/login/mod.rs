@@ -99,6 +99,16 @@ pub struct LoginArgs {
     config: Option<PathBuf>,
 }
 
+impl LoginArgs {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn replace(&self) -> bool {
+        self.replace
+    }
+}
+
 /// The flags over the profile: everything one sign-in needs.
 struct Settings {
     name: String,
