@@ -214,7 +214,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
             .identity
             .as_ref()
             .and_then(|i| i.display_name().map(String::from));
-        let message = Client::connect(&socket)?.import(signed_in.import)?;
+        let mut agent = Client::connect(&socket)?;
+        for other in same_sign_in(&agent.list()?, &signed_in.import) {
+            // B17: some providers keep one refresh token per user and client,
+            // so this sign-in may end the older session's.
+            eprintln!(
+                "tokenctl: warning: session {other} is the same user at the same client; \
+                 some providers invalidate its refresh token now"
+            );
+        }
+        let message = agent.import(signed_in.import)?;
         let printed = match who {
             Some(who) => writeln!(out, "signed in as {who}; {message}"),
             None => writeln!(out, "signed in; {message}"),
@@ -427,6 +436,23 @@ fn expiry_words(session: &SessionStatus) -> String {
 fn print_json(out: &mut impl Write, value: &impl serde::Serialize) -> std::io::Result<()> {
     serde_json::to_writer_pretty(&mut *out, value)?;
     writeln!(out)
+}
+
+/// Other sessions of the same user (`sub`) at the same issuer and client.
+fn same_sign_in(sessions: &[SessionStatus], import: &ImportSession) -> Vec<String> {
+    let sub = |identity: Option<&token_agent_client::proto::Identity>| {
+        identity.and_then(|i| i.sub.clone())
+    };
+    let Some(subject) = sub(import.identity.as_ref()) else {
+        return Vec::new();
+    };
+    sessions
+        .iter()
+        .filter(|s| s.name != import.name)
+        .filter(|s| s.issuer == import.issuer && s.client_id == import.client_id)
+        .filter(|s| sub(s.identity.as_ref()).as_deref() == Some(subject.as_str()))
+        .map(|s| s.name.clone())
+        .collect()
 }
 
 /// How long ahead of the refresh token's own deadline `status` warns.

@@ -439,6 +439,31 @@ mod tests {
     }
 
     #[test]
+    fn an_import_from_an_older_client_is_a_refresh_token_session() {
+        let import: ImportSession = serde_json::from_str(
+            r#"{"name":"w","issuer":"https://id.example","client_id":"c","refresh_token":"rt"}"#,
+        )
+        .unwrap();
+        assert_eq!(import.grant, Grant::RefreshToken);
+        assert!(import.identity.is_none() && import.revocation_endpoint.is_none());
+        let json = serde_json::to_value(&import).unwrap();
+        assert!(
+            json.get("grant").is_none(),
+            "the default is left out: {json}"
+        );
+
+        let service: ImportSession = serde_json::from_str(
+            r#"{"name":"s","issuer":"https://id.example","client_id":"c","grant":"client_credentials"}"#,
+        )
+        .unwrap();
+        assert_eq!(service.grant, Grant::ClientCredentials);
+        assert!(service.refresh_token.is_empty());
+
+        let logout = serde_json::to_value(Request::Logout { name: "w".into() }).unwrap();
+        assert_eq!(logout, serde_json::json!({"op": "logout", "name": "w"}));
+    }
+
+    #[test]
     fn import_debug_output_hides_the_secrets() {
         let import = ImportSession {
             name: "work".into(),

@@ -670,3 +670,77 @@ impl Drop for Spinner {
         self.bar.finish_and_clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(refresh_token: Option<&str>) -> Tokens {
+        Tokens {
+            access_token: Secret::new("ya29.fake1"),
+            token_type: "bearer".into(),
+            expires_in: Some(3599),
+            refresh_token: refresh_token.map(Secret::new),
+            refresh_expires_in: None,
+            id_token: None,
+            scope: None,
+        }
+    }
+
+    /// B08 at sign-in: Google sends a refresh token only on first consent;
+    /// a session without one would die at the access token's expiry.
+    #[test]
+    fn a_first_answer_without_a_refresh_token_is_refused_with_the_fix() {
+        let google = "https://accounts.google.com";
+        let why = check_tokens(&answer(None), Flow::Browser, google).unwrap_err();
+        assert!(why.contains("no refresh token") && why.contains("nothing was imported"));
+        assert!(why.contains("access_type=offline") && why.contains("prompt=consent"));
+        assert!(check_tokens(&answer(Some("rt")), Flow::Device, google).is_ok());
+        // A service account has none by design.
+        assert!(check_tokens(&answer(None), Flow::ClientCredentials, google).is_ok());
+    }
+
+    #[test]
+    fn who_signed_in_is_read_from_the_id_token_payload() {
+        let payload = URL_SAFE_NO_PAD
+            .encode(r#"{"sub":"u-1","preferred_username":"alice","email":"a@example.org"}"#);
+        let claims = jwt_claims(&format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln")).unwrap();
+        let identity = identity_from(&claims);
+        assert_eq!(identity.display_name(), Some("alice"));
+        assert_eq!(identity.sub.as_deref(), Some("u-1"));
+        assert!(jwt_claims("not-a-jwt").is_none());
+    }
+
+    #[test]
+    fn offline_access_is_added_only_when_asked_for_and_listed() {
+        let mut endpoints = Endpoints::default();
+        let settings = |offline| Settings {
+            name: "s".into(),
+            issuer: "https://id.example".into(),
+            client: OAuthClient {
+                client_id: "c".into(),
+                client_secret: None,
+                client_auth: ClientAuth::None,
+            },
+            client_auth_given: false,
+            flow: None,
+            scopes: vec!["openid".into()],
+            offline,
+            discovery: true,
+            explicit: Endpoints::default(),
+            userinfo_endpoint: None,
+            auth_params: Vec::new(),
+            no_browser: true,
+            idle_timeout_secs: None,
+            lifetime_secs: None,
+            replace: false,
+        };
+        assert_eq!(scopes(&settings(true), &endpoints), ["openid"]);
+        endpoints.scopes_supported = vec!["openid".into(), "offline_access".into()];
+        assert_eq!(scopes(&settings(false), &endpoints), ["openid"]);
+        assert_eq!(
+            scopes(&settings(true), &endpoints),
+            ["openid", "offline_access"]
+        );
+    }
+}
