@@ -150,6 +150,12 @@ impl Client {
         self.done(&Request::Remove { name: name.into() })
     }
 
+    /// Revokes the session's refresh token at the provider where it can,
+    /// then forgets the session. The message says whether it was revoked.
+    pub fn logout(&mut self, name: &str) -> Result<String, ClientError> {
+        self.done(&Request::Logout { name: name.into() })
+    }
+
     /// Refreshes now, whatever the schedule says.
     pub fn refresh(&mut self, name: &str) -> Result<String, ClientError> {
         self.done(&Request::Refresh { name: name.into() })

@@ -7,6 +7,8 @@
 //! 7 the provider refuses the client configuration; 8 the agent is locked;
 //! 9 permission denied (another user, a session rule, a wrong passphrase).
 
+mod login;
+
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use token_agent_client::proto::{
-    AgentInfo, ClientAuth, ErrorCode, ExpirySource, ImportSession, Secret, SessionState,
+    AgentInfo, ClientAuth, ErrorCode, ExpirySource, Grant, ImportSession, Secret, SessionState,
     SessionStatus,
 };
 use token_agent_client::{default_socket_path, Client, ClientError};
@@ -44,6 +46,12 @@ enum Command {
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         min_valid: Duration,
     },
+    /// Sign in with the provider (device flow, browser, or client
+    /// credentials) and hand the new session to the agent.
+    Login(login::LoginArgs),
+    /// Revoke a session's refresh token at the provider, where it offers
+    /// revocation, and remove the session.
+    Logout { name: String },
     /// Add a session from a refresh token obtained elsewhere. The agent
     /// refreshes at once, so a bad token or client is reported now.
     Import(ImportArgs),
@@ -186,11 +194,50 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let mut agent = Client::connect(&socket)?;
     let mut out = std::io::stdout().lock();
 
+    if let Command::Login(args) = &cli.command {
+        // The agent answered above, and the name is free, so the sign-in is
+        // not wasted. The connection is made anew for the import: a sign-in
+        // can take minutes.
+        if !args.replace() && agent.status(args.name()).is_ok() {
+            return Err(Failure {
+                message: format!(
+                    "a session named {} exists; pass --replace to sign in again over it",
+                    args.name()
+                ),
+                exit_code: 1,
+            });
+        }
+        drop(agent);
+        let signed_in = login::sign_in(args).map_err(failure)?;
+        let who = signed_in
+            .import
+            .identity
+            .as_ref()
+            .and_then(|i| i.display_name().map(String::from));
+        let mut agent = Client::connect(&socket)?;
+        for other in same_sign_in(&agent.list()?, &signed_in.import) {
+            // B17: some providers keep one refresh token per user and client,
+            // so this sign-in may end the older session's.
+            eprintln!(
+                "tokenctl: warning: session {other} is the same user at the same client; \
+                 some providers invalidate its refresh token now"
+            );
+        }
+        let message = agent.import(signed_in.import)?;
+        let printed = match who {
+            Some(who) => writeln!(out, "signed in as {who}; {message}"),
+            None => writeln!(out, "signed in; {message}"),
+        };
+        return printed.map_err(|err| failure(format!("cannot write the output: {err}")));
+    }
+
     let printed = match cli.command {
         Command::Get { name, min_valid } => {
             let token = agent.get(&name, min_valid)?;
             writeln!(out, "{}", token.access_token.expose())
         }
+        Command::Login(_) => unreachable!("handled above"),
+        Command::Logout { name } => writeln!(out, "{}", agent.logout(&name)?),
         Command::Import(_) => {
             let message = agent.import(import.expect("built above"))?;
             writeln!(out, "{message}")
@@ -267,6 +314,9 @@ fn import_request(args: &ImportArgs) -> Result<ImportSession, Failure> {
         client_auth,
         scopes: args.scopes.clone(),
         refresh_token,
+        grant: Default::default(),
+        revocation_endpoint: None,
+        identity: None,
         access_token: None,
         expires_in: None,
         refresh_expires_in: None,
@@ -388,6 +438,35 @@ fn print_json(out: &mut impl Write, value: &impl serde::Serialize) -> std::io::R
     writeln!(out)
 }
 
+/// Other sessions of the same user (`sub`) at the same issuer and client.
+fn same_sign_in(sessions: &[SessionStatus], import: &ImportSession) -> Vec<String> {
+    let sub = |identity: Option<&token_agent_client::proto::Identity>| {
+        identity.and_then(|i| i.sub.clone())
+    };
+    let Some(subject) = sub(import.identity.as_ref()) else {
+        return Vec::new();
+    };
+    sessions
+        .iter()
+        .filter(|s| s.name != import.name)
+        .filter(|s| s.issuer == import.issuer && s.client_id == import.client_id)
+        .filter(|s| sub(s.identity.as_ref()).as_deref() == Some(subject.as_str()))
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+/// How long ahead of the refresh token's own deadline `status` warns.
+const SIGN_IN_WARNING_SECS: u64 = 24 * 3600;
+
+/// The refresh token's deadline, when it comes within a day: the session
+/// dies then whatever the agent does, so the user should sign in before.
+fn refresh_ends_soon(session: &SessionStatus) -> Option<u64> {
+    let at = session
+        .refresh_expires_at
+        .filter(|_| session.has_refresh_token)?;
+    (at <= now() + SIGN_IN_WARNING_SECS).then_some(at)
+}
+
 fn needs_attention(session: &SessionStatus) -> bool {
     matches!(
         session.state,
@@ -440,11 +519,29 @@ fn print_overview(
             writeln!(out, "   {reason}")?;
         }
         let fix = match session.state {
-            SessionState::NeedsSignIn => "sign in again, then `tokenctl import NAME --replace ...`",
+            SessionState::NeedsSignIn => {
+                "`tokenctl login NAME --replace` (or import a new refresh token)"
+            }
             _ => "fix the client id or secret, then `tokenctl import NAME --replace ...`",
         };
         writeln!(out, "   fix: {}", fix.replace("NAME", &session.name))?;
         writeln!(out)?;
+    }
+    for session in sessions.iter().filter(|s| !needs_attention(s)) {
+        if let Some(at) = refresh_ends_soon(session) {
+            writeln!(out, "!! SIGN IN SOON: {}", session.name)?;
+            writeln!(
+                out,
+                "   its refresh token runs out {}; then the session dies",
+                relative(at)
+            )?;
+            writeln!(
+                out,
+                "   fix: `tokenctl login {} --replace` before then",
+                session.name
+            )?;
+            writeln!(out)?;
+        }
     }
     print_table(out, sessions)
 }
@@ -491,6 +588,9 @@ fn print_status(out: &mut impl Write, s: &SessionStatus) -> std::io::Result<()> 
     writeln!(out, "issuer:         {}", s.issuer)?;
     writeln!(out, "client:         {}", s.client_id)?;
     writeln!(out, "token endpoint: {}", s.token_endpoint)?;
+    if let Some(who) = s.identity.as_ref().and_then(|i| i.display_name()) {
+        writeln!(out, "signed in as:   {who}")?;
+    }
     if !s.scopes.is_empty() {
         writeln!(out, "scopes:         {}", s.scopes.join(" "))?;
     }
@@ -505,11 +605,22 @@ fn print_status(out: &mut impl Write, s: &SessionStatus) -> std::io::Result<()> 
     }
     writeln!(out, "access token:   {}{source}", expiry_words(s))?;
     let refresh = match (s.has_refresh_token, s.refresh_expires_at) {
+        (false, _) if s.grant == Grant::ClientCredentials => {
+            "none: a service account, renewed with its client credentials".to_string()
+        }
         (false, _) => "none: sign in again".to_string(),
         (true, Some(at)) => format!("held, expires {}", relative(at)),
         (true, None) => "held, no stated expiry".to_string(),
     };
     writeln!(out, "refresh token:  {refresh}")?;
+    if refresh_ends_soon(s).is_some() {
+        writeln!(
+            out,
+            "warning:        the refresh token runs out soon; sign in again before then \
+             (`tokenctl login {} --replace`)",
+            s.name
+        )?;
+    }
     if let Some(at) = s.last_refresh_at {
         writeln!(out, "last refresh:   {}", relative(at))?;
     }

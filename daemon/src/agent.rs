@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use token_agent_proto::{
-    validate_session_name, AgentInfo, ClientAuth, ErrorCode, ErrorReply, ImportSession, Request,
-    Response, Secret, SessionState, TokenReply, PROTOCOL_VERSION,
+    validate_session_name, AgentInfo, ClientAuth, ErrorCode, ErrorReply, Grant, ImportSession,
+    Request, Response, Secret, SessionState, TokenReply, PROTOCOL_VERSION,
 };
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
@@ -120,6 +120,7 @@ impl Agent {
             }
             Request::Import(import) => self.import(*import).await.map(done),
             Request::Remove { name } => self.remove(&name).await.map(done),
+            Request::Logout { name } => self.logout(&name).await.map(done),
             Request::List => Ok(Response::Sessions {
                 sessions: self.sessions.all().iter().map(|s| s.status()).collect(),
             }),
@@ -337,7 +338,7 @@ impl Agent {
         let endpoints = match &import.token_endpoint {
             Some(endpoint) => Endpoints {
                 token_endpoint: endpoint.clone(),
-                revocation_endpoint: None,
+                revocation_endpoint: import.revocation_endpoint.clone(),
             },
             None => self
                 .refresher
@@ -401,10 +402,47 @@ impl Agent {
         Ok(format!("removed session {name}"))
     }
 
+    /// Revokes the session's refresh token at the provider (RFC 7009) when
+    /// it has a revocation endpoint, then forgets the session. Revocation
+    /// runs under the gate, so no refresh can rotate the token meanwhile;
+    /// a failed revocation still removes the session, and the answer says so.
+    async fn logout(&self, name: &str) -> Result<String, ErrorReply> {
+        let session = self.find(name)?;
+        let gate = session.gate.lock().await;
+        let record = session.record().clone();
+        let revoked = match (
+            &record.tokens.refresh_token,
+            &record.client.revocation_endpoint,
+        ) {
+            (None, _) => "it held no refresh token to revoke".to_string(),
+            (Some(_), None) => "the provider has no revocation endpoint, so its refresh \
+                 token was not revoked and stays valid at the provider until it expires"
+                .to_string(),
+            (Some(token), Some(_)) => {
+                match self.refresher.provider.revoke(&record.client, token).await {
+                    Ok(()) => "its refresh token was revoked at the provider".to_string(),
+                    Err(why) => {
+                        warn!(session = %name, "revoking the refresh token failed: {why}");
+                        format!("revoking its refresh token failed ({why}); it may stay valid at the provider")
+                    }
+                }
+            }
+        };
+        self.forget_locked(&session).await;
+        drop(gate);
+        info!(session = %name, "signed out: {revoked}");
+        Ok(format!("signed out of session {name}: {revoked}"))
+    }
+
     /// Drops a session from memory, schedule and store, after any refresh
     /// in flight has finished.
     async fn forget(&self, session: &Arc<Session>) {
         let _gate = session.gate.lock().await;
+        self.forget_locked(session).await;
+    }
+
+    /// [`Agent::forget`] for a caller that holds the session's gate.
+    async fn forget_locked(&self, session: &Arc<Session>) {
         session.mark_removed();
         self.sessions.remove(session);
         self.refresher.scheduler.unschedule(&session.name);
@@ -516,8 +554,17 @@ fn check_import(import: &ImportSession) -> Result<(), ErrorReply> {
     let bad = |why: String| Err(ErrorReply::new(ErrorCode::BadRequest, why));
     validate_session_name(&import.name)
         .map_err(|why| ErrorReply::new(ErrorCode::BadRequest, why))?;
-    if import.refresh_token.is_empty() {
-        return bad("the refresh token is empty".into());
+    match import.grant {
+        Grant::RefreshToken if import.refresh_token.is_empty() => {
+            return bad("the refresh token is empty".into());
+        }
+        Grant::ClientCredentials if !import.refresh_token.is_empty() => {
+            return bad("a client credentials session has no refresh token".into());
+        }
+        Grant::ClientCredentials if import.client_secret.is_none() => {
+            return bad("a client credentials session needs a client secret".into());
+        }
+        _ => {}
     }
     if import.client_id.is_empty() {
         return bad("the client id is empty".into());
@@ -525,6 +572,7 @@ fn check_import(import: &ImportSession) -> Result<(), ErrorReply> {
     for (what, url) in [
         ("issuer", Some(&import.issuer)),
         ("token endpoint", import.token_endpoint.as_ref()),
+        ("revocation endpoint", import.revocation_endpoint.as_ref()),
     ] {
         let Some(url) = url else { continue };
         match url::Url::parse(url) {
@@ -570,9 +618,10 @@ fn new_record(import: ImportSession, endpoints: Endpoints) -> SessionRecord {
             client_secret: import.client_secret,
             client_auth: import.client_auth,
             scopes: import.scopes,
+            grant: import.grant,
         },
         tokens: Tokens {
-            refresh_token: Some(import.refresh_token),
+            refresh_token: (!import.refresh_token.is_empty()).then_some(import.refresh_token),
             ..Tokens::default()
         },
         generation: 0,
@@ -592,5 +641,6 @@ fn new_record(import: ImportSession, endpoints: Endpoints) -> SessionRecord {
             .lifetime_secs
             .map(|secs| now.saturating_add(secs.saturating_mul(1000))),
         created_at: now,
+        identity: import.identity.filter(|identity| !identity.is_empty()),
     }
 }

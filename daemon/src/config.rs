@@ -242,6 +242,10 @@ impl Args {
 ///
 /// [metrics]
 /// listen = "127.0.0.1:9464"    # Prometheus text at /metrics; off when absent
+///
+/// [profiles.work]              # read by `tokenctl login`, not by the agent
+/// issuer = "https://sso.example.com/realms/acme"
+/// client_id = "cli-tool"
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -256,6 +260,11 @@ pub struct FileConfig {
     pub timing: TimingConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `[profiles.NAME]`: sign-in settings that `tokenctl login` reads
+    /// (issuer, client id, secret file, scopes, flow). The agent never uses
+    /// them; it accepts the table so one file serves both.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, toml::Value>,
 }
 
 /// Timing settings in the file; each falls back to the built-in default.
@@ -401,5 +410,15 @@ mod tests {
         assert!(FileConfig::load(&path).is_err());
         std::fs::write(&path, "[surprise]\n").unwrap();
         assert!(FileConfig::load(&path).is_err());
+    }
+
+    #[test]
+    fn sign_in_profiles_in_the_file_are_accepted_and_left_to_tokenctl() {
+        let file: FileConfig = toml::from_str(
+            "[profiles.work]\nissuer = \"https://id.example\"\nclient_id = \"cli\"\n\
+             scopes = [\"openid\"]\nflow = \"device\"\n",
+        )
+        .unwrap();
+        assert!(file.profiles.contains_key("work"));
     }
 }

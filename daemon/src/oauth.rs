@@ -155,11 +155,27 @@ impl Provider {
     /// Presents `refresh_token` once and classifies the answer. Network
     /// failures come back as [`Answer::Transient`]; the caller decides what
     /// the answer means for the session.
+    ///
+    /// The session's scopes go along when it has any: Microsoft Entra
+    /// requires `scope` on every refresh, and other providers take the
+    /// granted scopes as a no-op narrowing.
     pub async fn refresh(&self, client: &ClientConfig, refresh_token: &Secret) -> Answered {
-        let mut form: Vec<(&str, &str)> = vec![
+        let form: Vec<(&str, &str)> = vec![
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token.expose()),
         ];
+        self.token_request(client, form).await
+    }
+
+    /// Asks for a new access token with the client's own credentials
+    /// (`grant_type=client_credentials`): a service account has no refresh
+    /// token. Classified like a refresh answer.
+    pub async fn client_credentials(&self, client: &ClientConfig) -> Answered {
+        let form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
+        self.token_request(client, form).await
+    }
+
+    async fn token_request(&self, client: &ClientConfig, mut form: Vec<(&str, &str)>) -> Answered {
         let scope = client.scopes.join(" ");
         if !scope.is_empty() {
             form.push(("scope", &scope));

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use token_agent_proto::{
-    ErrorCode, ErrorReply, ExpirySource, ProviderError, SessionState, TokenReply,
+    ErrorCode, ErrorReply, ExpirySource, Grant, ProviderError, SessionState, TokenReply,
 };
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -113,8 +113,14 @@ impl Refresher {
         }
 
         let mut record = session.record().clone();
-        let Some(refresh_token) = record.tokens.refresh_token.clone() else {
-            return Err(reauth_error(&record));
+        // A service account renews with its client credentials; any other
+        // session needs its refresh token.
+        let refresh_token = match record.client.grant {
+            Grant::ClientCredentials => None,
+            Grant::RefreshToken => match record.tokens.refresh_token.clone() {
+                Some(token) => Some(token),
+                None => return Err(reauth_error(&record)),
+            },
         };
 
         // The marker goes to disk before the refresh token leaves.
@@ -135,7 +141,10 @@ impl Refresher {
         }
         session.set_record(record.clone());
 
-        let answered = self.provider.refresh(&record.client, &refresh_token).await;
+        let answered = match &refresh_token {
+            Some(token) => self.provider.refresh(&record.client, token).await,
+            None => self.provider.client_credentials(&record.client).await,
+        };
         self.warn_on_skew(&answered);
         let Answered {
             answer,
@@ -313,6 +322,11 @@ impl Refresher {
                 "the agent stopped in the middle of a refresh, and the provider has since \
                  refused the refresh token ({}): the rotated token was lost with the agent",
                 provider_error.error
+            )
+        } else if record.client.grant == Grant::ClientCredentials {
+            format!(
+                "the provider refused the client credentials grant ({})",
+                describe(&provider_error)
             )
         } else {
             format!(
@@ -600,9 +614,9 @@ pub fn reauth_error(record: &SessionRecord) -> ErrorReply {
     let mut reply = ErrorReply::new(
         ErrorCode::ReauthRequired,
         format!(
-            "session {} needs a new sign-in: {why}. Sign in again and import the new \
-             refresh token with `tokenctl import {} --replace ...`",
-            record.name, record.name
+            "session {} needs a new sign-in: {why}. Sign in again with `tokenctl login {} \
+             --replace` (or import a new refresh token with `tokenctl import {} --replace ...`)",
+            record.name, record.name, record.name
         ),
     );
     reply.provider_error = record.state.provider_error.clone();

@@ -275,6 +275,7 @@ fn op_name(request: &Request) -> &'static str {
         Request::Get { .. } => "get",
         Request::Import(_) => "import",
         Request::Remove { .. } => "remove",
+        Request::Logout { .. } => "logout",
         Request::List => "list",
         Request::Status { .. } => "status",
         Request::Refresh { .. } => "refresh",

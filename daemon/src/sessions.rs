@@ -146,6 +146,8 @@ impl Session {
             idle_timeout_secs: record.idle_timeout_secs,
             remove_at: record.remove_at.map(seconds),
             has_refresh_token: record.tokens.refresh_token.is_some(),
+            grant: record.client.grant,
+            identity: record.identity.clone(),
         }
     }
 

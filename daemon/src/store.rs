@@ -21,7 +21,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use token_agent_proto::{ClientAuth, ExpirySource, ProviderError, Secret, SessionState};
+use token_agent_proto::{
+    ClientAuth, ExpirySource, Grant, Identity, ProviderError, Secret, SessionState,
+};
 use zeroize::Zeroizing;
 
 use crate::seal::{KeySource, SealError, Sealer};
@@ -92,6 +94,9 @@ pub struct SessionRecord {
     #[serde(default)]
     pub remove_at: Option<u64>,
     pub created_at: u64,
+    /// Who signed in, for display only.
+    #[serde(default)]
+    pub identity: Option<Identity>,
 }
 
 /// Where and how to refresh.
@@ -106,6 +111,9 @@ pub struct ClientConfig {
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
     pub scopes: Vec<String>,
+    /// How the next access token is obtained.
+    #[serde(default)]
+    pub grant: Grant,
 }
 
 /// The tokens and their deadlines, Unix milliseconds.
@@ -374,6 +382,7 @@ pub(crate) mod tests {
                 client_secret: None,
                 client_auth: ClientAuth::None,
                 scopes: vec![],
+                grant: Grant::RefreshToken,
             },
             tokens: Tokens {
                 refresh_token: Some(Secret::new("rt-1")),
@@ -394,6 +403,7 @@ pub(crate) mod tests {
             idle_timeout_secs: None,
             remove_at: None,
             created_at: 0,
+            identity: None,
         }
     }
 

@@ -42,6 +42,12 @@ pub enum Request {
     Refresh {
         name: String,
     },
+    /// Signs a session out: revokes its refresh token at the provider
+    /// (RFC 7009) where the provider has a revocation endpoint, then forgets
+    /// the session. The answer says whether revocation happened.
+    Logout {
+        name: String,
+    },
     /// Stops serving tokens until [`Request::Unlock`] with the same
     /// passphrase. Refreshes go on, so nothing expires while locked.
     Lock {
@@ -70,6 +76,52 @@ pub enum ClientAuth {
     None,
 }
 
+/// How the agent gets a session's next access token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    /// Present the refresh token (`grant_type=refresh_token`), keeping the
+    /// rotated one.
+    #[default]
+    RefreshToken,
+    /// A service account: no refresh token exists, and the agent asks for a
+    /// new access token with the client's own credentials
+    /// (`grant_type=client_credentials`) before the old one expires.
+    ClientCredentials,
+}
+
+impl Grant {
+    pub fn is_refresh_token(&self) -> bool {
+        *self == Grant::RefreshToken
+    }
+}
+
+/// Who signed in, for display only: read from the ID token's payload or
+/// the userinfo endpoint, never used to decide anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+}
+
+impl Identity {
+    /// The most readable name there is: username, then email, then `sub`.
+    pub fn display_name(&self) -> Option<&str> {
+        self.preferred_username
+            .as_deref()
+            .or(self.email.as_deref())
+            .or(self.sub.as_deref())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.display_name().is_none()
+    }
+}
+
 /// Everything needed to add a session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImportSession {
@@ -85,7 +137,20 @@ pub struct ImportSession {
     pub client_auth: ClientAuth,
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// Empty (or absent) only with [`Grant::ClientCredentials`].
+    #[serde(default = "Secret::empty")]
     pub refresh_token: Secret,
+    /// How the agent renews the session; `refresh_token` by default.
+    #[serde(default, skip_serializing_if = "Grant::is_refresh_token")]
+    pub grant: Grant,
+    /// The provider's RFC 7009 revocation endpoint, when the caller read it
+    /// from discovery itself (with `token_endpoint` set, the agent does not
+    /// look it up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation_endpoint: Option<String>,
+    /// Who signed in, for `status` to show.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
     /// The access token issued together with `refresh_token`, when the
     /// caller has one (a web app right after sign-in). With it the agent
     /// stores the tokens as they are instead of refreshing at once.
@@ -213,6 +278,12 @@ pub struct SessionStatus {
     #[serde(default)]
     pub remove_at: Option<u64>,
     pub has_refresh_token: bool,
+    /// How the session is renewed.
+    #[serde(default, skip_serializing_if = "Grant::is_refresh_token")]
+    pub grant: Grant,
+    /// Who signed in, when known (display only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
 }
 
 /// What `info` tells about the agent itself.
@@ -368,6 +439,31 @@ mod tests {
     }
 
     #[test]
+    fn an_import_from_an_older_client_is_a_refresh_token_session() {
+        let import: ImportSession = serde_json::from_str(
+            r#"{"name":"w","issuer":"https://id.example","client_id":"c","refresh_token":"rt"}"#,
+        )
+        .unwrap();
+        assert_eq!(import.grant, Grant::RefreshToken);
+        assert!(import.identity.is_none() && import.revocation_endpoint.is_none());
+        let json = serde_json::to_value(&import).unwrap();
+        assert!(
+            json.get("grant").is_none(),
+            "the default is left out: {json}"
+        );
+
+        let service: ImportSession = serde_json::from_str(
+            r#"{"name":"s","issuer":"https://id.example","client_id":"c","grant":"client_credentials"}"#,
+        )
+        .unwrap();
+        assert_eq!(service.grant, Grant::ClientCredentials);
+        assert!(service.refresh_token.is_empty());
+
+        let logout = serde_json::to_value(Request::Logout { name: "w".into() }).unwrap();
+        assert_eq!(logout, serde_json::json!({"op": "logout", "name": "w"}));
+    }
+
+    #[test]
     fn import_debug_output_hides_the_secrets() {
         let import = ImportSession {
             name: "work".into(),
@@ -378,6 +474,9 @@ mod tests {
             client_auth: ClientAuth::Basic,
             scopes: vec![],
             refresh_token: Secret::new("refresh-token-value"),
+            grant: Grant::RefreshToken,
+            revocation_endpoint: None,
+            identity: None,
             access_token: None,
             expires_in: None,
             refresh_expires_in: None,

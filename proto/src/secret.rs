@@ -22,6 +22,11 @@ impl Secret {
         &self.0
     }
 
+    /// An empty secret: the absent refresh token of a service account.
+    pub fn empty() -> Self {
+        Secret(String::new())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -206,6 +206,24 @@ server.listen(Number(process.env.PORT ?? 0), '127.0.0.1', () => {
       { ...clientDefaults, client_id: 'agent-basic', client_secret: 'basic-secret', token_endpoint_auth_method: 'client_secret_basic' },
       { ...clientDefaults, client_id: 'agent-post', client_secret: 'post-secret', token_endpoint_auth_method: 'client_secret_post' },
       { ...clientDefaults, client_id: 'agent-public', token_endpoint_auth_method: 'none' },
+      // tokenctl login: a native public client for the device flow and the browser flow
+      // (loopback redirect on any port, RFC 8252 7.3), and a service account.
+      {
+        client_id: 'agent-device',
+        application_type: 'native',
+        token_endpoint_auth_method: 'none',
+        grant_types: ['urn:ietf:params:oauth:grant-type:device_code', 'authorization_code', 'refresh_token'],
+        response_types: ['code'],
+        redirect_uris: ['http://127.0.0.1/callback'],
+      },
+      {
+        client_id: 'agent-service',
+        client_secret: 'service-secret',
+        token_endpoint_auth_method: 'client_secret_basic',
+        grant_types: ['client_credentials'],
+        response_types: [],
+        redirect_uris: [],
+      },
     ],
     // Fresh per-process keys: avoids the library's shared dev keys (and their warning).
     jwks: { keys: [generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' })] },
@@ -231,6 +249,8 @@ server.listen(Number(process.env.PORT ?? 0), '127.0.0.1', () => {
         async allowedPolicy() { return true; },
       },
       revocation: { enabled: true },
+      deviceFlow: { enabled: true }, // RFC 8628; pages at /device, driven by act-as-user.mjs
+      clientCredentials: { enabled: true },
     },
     async issueRefreshToken(ctx, client, code) {
       return client.grantTypeAllowed('refresh_token') && code.scopes.has('offline_access');
@@ -240,6 +260,8 @@ server.listen(Number(process.env.PORT ?? 0), '127.0.0.1', () => {
     ttl: {
       AccessToken: ACCESS_TOKEN_TTL,
       AuthorizationCode: 60,
+      DeviceCode: 600,
+      ClientCredentials: ACCESS_TOKEN_TTL,
       IdToken: 3600,
       Interaction: 3600,
       RefreshToken: LONG,

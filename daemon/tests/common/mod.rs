@@ -224,6 +224,11 @@ impl FakeIdp {
             .collect()
     }
 
+    /// Every request to any path but discovery, in order of arrival.
+    pub fn inner_requests(&self) -> Vec<Recorded> {
+        self.inner.state().requests.clone()
+    }
+
     pub fn post_count(&self) -> usize {
         self.posts().len()
     }

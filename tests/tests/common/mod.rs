@@ -96,6 +96,23 @@ impl Provider {
         serde_json::from_slice(&output.stdout).expect("token answer")
     }
 
+    /// Runs `act-as-user.mjs` (the person at the browser, over HTTP) and
+    /// returns its standard output, failing the test if it fails.
+    pub fn act_as_user(&self, args: &[&str]) -> String {
+        let output = Command::new("node")
+            .arg("act-as-user.mjs")
+            .args(args)
+            .current_dir(provider_dir())
+            .output()
+            .expect("run act-as-user.mjs");
+        assert!(
+            output.status.success(),
+            "act-as-user {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
     /// `{refresh_requests, distinct_refresh_tokens, replays}`.
     pub fn stats(&self) -> Value {
         self.http("GET", "/test/stats", None, &[])
