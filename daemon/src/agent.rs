@@ -327,7 +327,7 @@ impl Agent {
         if let Some(token) = session.scoped_servable(&key, now, min_valid_ms) {
             return Ok(token);
         }
-        self.check_refresh_may_help(&session, now)?;
+        check_session_state(&session, now)?;
         // A valid token shorter than asked for, fetched a moment ago:
         // another request would bring the same lifetime.
         if let Some(cached) = session.scoped(&key) {
@@ -362,45 +362,11 @@ impl Agent {
     /// client never waits on a dead session and never drives the provider
     /// harder than the backoff allows.
     fn check_refresh_may_help(&self, session: &Session, now: u64) -> Result<(), ErrorReply> {
-        let record = session.record();
-        match record.state.state {
-            SessionState::NeedsSignIn => return Err(reauth_error(&record)),
-            SessionState::ClientMisconfigured => {
-                let mut reply = ErrorReply::new(
-                    ErrorCode::ClientMisconfigured,
-                    format!(
-                        "session {}: {}",
-                        record.name,
-                        record
-                            .state
-                            .reason
-                            .as_deref()
-                            .unwrap_or("the client is misconfigured")
-                    ),
-                );
-                reply.provider_error = record.state.provider_error.clone();
-                return Err(reply);
-            }
-            SessionState::Retrying => {
-                if let Some(retry_at) = record.next_refresh_at.filter(|&at| at > now) {
-                    let mut reply = ErrorReply::new(
-                        ErrorCode::TemporarilyUnavailable,
-                        format!(
-                            "session {}: the provider is failing ({}); the agent retries in {} s",
-                            record.name,
-                            record.state.reason.as_deref().unwrap_or("unknown error"),
-                            (retry_at - now).div_ceil(1000)
-                        ),
-                    );
-                    reply.retry_at = Some(retry_at.div_ceil(1000));
-                    return Err(reply);
-                }
-            }
-            SessionState::Fresh | SessionState::Refreshing => {}
-        }
+        check_session_state(session, now)?;
 
         // A valid token that is merely shorter than asked for, fetched a
         // moment ago: another refresh would bring the same lifetime.
+        let record = session.record();
         let has_valid =
             record.tokens.access_token.is_some() && record.tokens.access_expires_at > now;
         let refreshed_recently = record
@@ -590,6 +556,49 @@ fn is_allowed_while_locked(request: &Request) -> bool {
             | Request::Lock { .. }
             | Request::Unlock { .. }
     )
+}
+
+/// Refuses at once when the session's state says a refresh cannot help
+/// now: it needs a person, or the provider is failing and the next attempt
+/// is planned.
+fn check_session_state(session: &Session, now: u64) -> Result<(), ErrorReply> {
+    let record = session.record();
+    match record.state.state {
+        SessionState::NeedsSignIn => return Err(reauth_error(&record)),
+        SessionState::ClientMisconfigured => {
+            let mut reply = ErrorReply::new(
+                ErrorCode::ClientMisconfigured,
+                format!(
+                    "session {}: {}",
+                    record.name,
+                    record
+                        .state
+                        .reason
+                        .as_deref()
+                        .unwrap_or("the client is misconfigured")
+                ),
+            );
+            reply.provider_error = record.state.provider_error.clone();
+            return Err(reply);
+        }
+        SessionState::Retrying => {
+            if let Some(retry_at) = record.next_refresh_at.filter(|&at| at > now) {
+                let mut reply = ErrorReply::new(
+                    ErrorCode::TemporarilyUnavailable,
+                    format!(
+                        "session {}: the provider is failing ({}); the agent retries in {} s",
+                        record.name,
+                        record.state.reason.as_deref().unwrap_or("unknown error"),
+                        (retry_at - now).div_ceil(1000)
+                    ),
+                );
+                reply.retry_at = Some(retry_at.div_ceil(1000));
+                return Err(reply);
+            }
+        }
+        SessionState::Fresh | SessionState::Refreshing => {}
+    }
+    Ok(())
 }
 
 fn locked_error() -> ErrorReply {
