@@ -405,16 +405,15 @@ fn tokenctl_watch_prints_every_rotation_in_order() {
     };
 
     let first = next();
-    let mut generation = first["generation"].as_u64().unwrap();
+    let generation = first["generation"].as_u64().unwrap();
     assert_eq!(
         first["token"]["access_token"],
         ws.tokenctl_ok(&["get", "work"]).trim()
     );
-    for _ in 0..10 {
+    for rotation in 1..=10 {
         ws.tokenctl_ok(&["refresh", "work"]);
         let event = next();
-        assert_eq!(event["generation"].as_u64(), Some(generation + 1));
-        generation += 1;
+        assert_eq!(event["generation"].as_u64(), Some(generation + rotation));
         let token = event["token"]["access_token"].as_str().unwrap();
         assert_eq!(token, ws.tokenctl_ok(&["get", "work"]).trim());
         assert!(provider.is_active(token));
