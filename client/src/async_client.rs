@@ -139,7 +139,7 @@ impl AsyncClient {
         options: &TokenOptions,
     ) -> Result<TokenReply, ClientError> {
         match self.request(&options.request(name)).await? {
-            Response::Token(token) => Ok(token),
+            Response::Token(token) => options.check(token),
             other => Err(unexpected(other)),
         }
     }

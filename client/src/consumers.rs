@@ -174,6 +174,8 @@ mod tests {
             access_token: Secret::new("tok"),
             token_type: "Bearer".into(),
             expires_at: 1_796_300_000,
+            scope: vec![],
+            audience: None,
         }
     }
 

@@ -156,6 +156,25 @@ impl TokenOptions {
         self
     }
 
+    /// Refuses a token that is not the one asked for: an agent that does
+    /// not know down-scoped tokens ignores the scopes and would hand out
+    /// the session's own, broader token.
+    pub fn check(&self, token: TokenReply) -> Result<TokenReply, ClientError> {
+        let mut scope = self.scope.clone();
+        scope.retain(|s| !s.is_empty());
+        scope.sort();
+        scope.dedup();
+        let audience = self.audience.clone().filter(|a| !a.is_empty());
+        if token.scope != scope || token.audience != audience {
+            return Err(ClientError::Protocol(
+                "the agent answered with a token for other scopes or another audience \
+                 than asked for; it may predate down-scoped tokens: upgrade it"
+                    .into(),
+            ));
+        }
+        Ok(token)
+    }
+
     /// The `get` request for session `name`.
     pub fn request(&self, name: &str) -> Request {
         Request::Get {
@@ -292,7 +311,7 @@ impl Client {
         options: &TokenOptions,
     ) -> Result<TokenReply, ClientError> {
         match self.request(&options.request(name))? {
-            Response::Token(token) => Ok(token),
+            Response::Token(token) => options.check(token),
             other => Err(unexpected(other)),
         }
     }
@@ -460,4 +479,34 @@ pub(crate) fn unexpected(response: Response) -> ClientError {
         Response::Error(_) => "error",
     };
     ClientError::Protocol(format!("the agent answered with an unexpected {kind}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(scope: &[&str], audience: Option<&str>) -> TokenReply {
+        TokenReply {
+            access_token: Secret::new("t"),
+            token_type: "Bearer".into(),
+            expires_at: 1,
+            scope: scope.iter().map(|s| s.to_string()).collect(),
+            audience: audience.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_token_for_other_scopes_than_asked_is_refused() {
+        let plain = TokenOptions::new();
+        assert!(plain.check(token(&[], None)).is_ok());
+
+        let narrow = TokenOptions::new().scope("b").scope("a").scope("a");
+        assert!(narrow.check(token(&["a", "b"], None)).is_ok());
+        // An older agent ignores the scopes and serves the session's token.
+        assert!(narrow.check(token(&[], None)).is_err());
+
+        let audience = TokenOptions::new().audience("https://api");
+        assert!(audience.check(token(&[], Some("https://api"))).is_ok());
+        assert!(audience.check(token(&[], None)).is_err());
+    }
 }

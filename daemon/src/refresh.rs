@@ -14,6 +14,7 @@
 //! a request already sent, or its rotated answer would be thrown away.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -451,6 +452,7 @@ impl Refresher {
         let token_changed =
             record.tokens.access_token.is_some() && record.tokens.access_token != old_token;
         let state_changed = record.state.state != old_state;
+        let now = now_ms();
         if matches!(
             record.state.state,
             SessionState::NeedsSignIn | SessionState::ClientMisconfigured
@@ -460,9 +462,16 @@ impl Refresher {
         if token_changed {
             self.write_token_file(&record);
         }
-        let event = watch_event(&record, now_ms());
+        let event = watch_event(&record, now);
         session.set_record(record);
-        if token_changed || (state_changed && event.error.is_some()) {
+        // A failure is news when the state changed, or when the token ran
+        // out while the provider kept failing.
+        let told_failure = session.told_failure.load(Ordering::Acquire);
+        let is_new_failure = event.error.is_some() && (state_changed || !told_failure);
+        if token_changed || is_new_failure {
+            session
+                .told_failure
+                .store(event.error.is_some(), Ordering::Release);
             // No watcher is a fine outcome; a lagging one skips ahead.
             let _ = session.events.send(event);
         }
@@ -917,6 +926,8 @@ pub fn watch_event(record: &SessionRecord, now: u64) -> WatchEvent {
             access_token: token.clone(),
             token_type: "Bearer".into(),
             expires_at: record.tokens.access_expires_at / 1000,
+            scope: Vec::new(),
+            audience: None,
         });
     let error = match record.state.state {
         SessionState::NeedsSignIn => Some(reauth_error(record)),

@@ -95,6 +95,9 @@ pub struct Session {
     /// loses the ones in between and is sent the current state instead;
     /// the refresher never waits for a watcher.
     pub events: broadcast::Sender<WatchEvent>,
+    /// Whether the last event sent told of a failure, so a failure that
+    /// goes on is told once.
+    pub told_failure: AtomicBool,
     /// Down-scoped tokens, apart from the session's own.
     scoped: Mutex<HashMap<ScopedKey, ScopedToken>>,
 }
@@ -111,6 +114,7 @@ impl Session {
             last_used: AtomicU64::new(now_ms()),
             removed: AtomicBool::new(false),
             events: broadcast::channel(EVENT_BACKLOG).0,
+            told_failure: AtomicBool::new(false),
             scoped: Mutex::new(HashMap::new()),
         }
     }
@@ -132,6 +136,8 @@ impl Session {
             access_token: token.access_token.clone(),
             token_type: "Bearer".into(),
             expires_at: token.expires_at / 1000,
+            scope: key.scope.clone(),
+            audience: key.audience.clone(),
         })
     }
 
@@ -176,6 +182,8 @@ impl Session {
             access_token: token.clone(),
             token_type: "Bearer".into(),
             expires_at: record.tokens.access_expires_at / 1000,
+            scope: Vec::new(),
+            audience: None,
         })
     }
 

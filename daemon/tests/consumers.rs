@@ -294,3 +294,31 @@ async fn the_token_file_always_holds_a_whole_current_token() {
     running.shutdown.cancel();
     running.stopped().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watcher_hears_once_that_the_token_ran_out_while_the_provider_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeIdp::start().await;
+    let daemon = Daemon::start(dir.path(), test_timing()).await;
+    // A 2-second token; every later request gets 500 (the end of the script).
+    fake.then(Reply::tokens("at-0", Some("rt-1"), Some(2)));
+    daemon.import(session("s", &fake, "rt-0")).await.unwrap();
+
+    let events = watch(&daemon);
+    wait_for_events(&events, 2).await;
+    // Retries go on; the failure is told once.
+    fake.wait_for_posts(5, WAIT).await;
+    let events = events.lock().unwrap().clone();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(
+        events[0].token.as_ref().unwrap().access_token.expose(),
+        "at-0"
+    );
+    assert!(events[1].token.is_none());
+    assert_eq!(events[1].state, SessionState::Retrying);
+    assert_eq!(
+        events[1].error.as_ref().map(|e| e.code),
+        Some(ErrorCode::TemporarilyUnavailable)
+    );
+    daemon.stop().await;
+}

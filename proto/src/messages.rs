@@ -187,6 +187,15 @@ pub struct TokenReply {
     pub token_type: String,
     /// When the token stops being valid, by the agent's clock.
     pub expires_at: u64,
+    /// For a down-scoped token, the scopes it was asked for (sorted,
+    /// without repeats); empty for the session's own token. A client that
+    /// asked for scopes and finds none here talks to an agent that does not
+    /// know down-scoped tokens, and must not use the token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scope: Vec<String>,
+    /// For a down-scoped token, the audience it was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
 }
 
 /// Where a session stands.
@@ -420,6 +429,8 @@ mod tests {
                 access_token: Secret::new("at"),
                 token_type: "Bearer".into(),
                 expires_at: 100,
+                scope: vec![],
+                audience: None,
             }),
             error: None,
         });
