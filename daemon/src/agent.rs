@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 use crate::oauth::{Endpoints, TokenAnswer};
 use crate::peer::{AccessPolicy, Caller};
 use crate::refresh::{
-    insufficient_validity, no_such_session, reauth_error, token_or_error, watch_event, Refresher,
-    Trigger,
+    insufficient_validity, misconfigured_error, no_such_session, reauth_error, token_or_error,
+    watch_event, Refresher, Trigger,
 };
 use crate::sessions::{now_ms, ScopedKey, Session, Sessions};
 use crate::store::{ClientConfig, SessionRecord, StateRecord, Store, StoreError, Tokens};
@@ -565,22 +565,7 @@ fn check_session_state(session: &Session, now: u64) -> Result<(), ErrorReply> {
     let record = session.record();
     match record.state.state {
         SessionState::NeedsSignIn => return Err(reauth_error(&record)),
-        SessionState::ClientMisconfigured => {
-            let mut reply = ErrorReply::new(
-                ErrorCode::ClientMisconfigured,
-                format!(
-                    "session {}: {}",
-                    record.name,
-                    record
-                        .state
-                        .reason
-                        .as_deref()
-                        .unwrap_or("the client is misconfigured")
-                ),
-            );
-            reply.provider_error = record.state.provider_error.clone();
-            return Err(reply);
-        }
+        SessionState::ClientMisconfigured => return Err(misconfigured_error(&record)),
         SessionState::Retrying => {
             if let Some(retry_at) = record.next_refresh_at.filter(|&at| at > now) {
                 let mut reply = ErrorReply::new(

@@ -551,11 +551,10 @@ impl Refresher {
         }
 
         let mut record = session.record().clone();
-        if matches!(
-            record.state.state,
-            SessionState::NeedsSignIn | SessionState::ClientMisconfigured
-        ) {
-            return Err(reauth_error(&record));
+        match record.state.state {
+            SessionState::NeedsSignIn => return Err(reauth_error(&record)),
+            SessionState::ClientMisconfigured => return Err(misconfigured_error(&record)),
+            _ => {}
         }
         let Some(refresh_token) = record.tokens.refresh_token.clone() else {
             return Err(reauth_error(&record));
@@ -885,6 +884,23 @@ pub fn reauth_error(record: &SessionRecord) -> ErrorReply {
     reply
 }
 
+pub fn misconfigured_error(record: &SessionRecord) -> ErrorReply {
+    let mut reply = ErrorReply::new(
+        ErrorCode::ClientMisconfigured,
+        format!(
+            "session {}: {}",
+            record.name,
+            record
+                .state
+                .reason
+                .as_deref()
+                .unwrap_or("the client is misconfigured")
+        ),
+    );
+    reply.provider_error = record.state.provider_error.clone();
+    reply
+}
+
 pub fn no_such_session(name: &str) -> ErrorReply {
     ErrorReply::new(
         ErrorCode::NoSuchSession,
@@ -931,22 +947,7 @@ pub fn watch_event(record: &SessionRecord, now: u64) -> WatchEvent {
         });
     let error = match record.state.state {
         SessionState::NeedsSignIn => Some(reauth_error(record)),
-        SessionState::ClientMisconfigured => {
-            let mut reply = ErrorReply::new(
-                ErrorCode::ClientMisconfigured,
-                format!(
-                    "session {}: {}",
-                    record.name,
-                    record
-                        .state
-                        .reason
-                        .as_deref()
-                        .unwrap_or("the client is misconfigured")
-                ),
-            );
-            reply.provider_error = record.state.provider_error.clone();
-            Some(reply)
-        }
+        SessionState::ClientMisconfigured => Some(misconfigured_error(record)),
         SessionState::Retrying if token.is_none() => Some(ErrorReply::new(
             ErrorCode::TemporarilyUnavailable,
             format!(
