@@ -17,7 +17,7 @@ use crate::oauth::{Endpoints, TokenAnswer};
 use crate::peer::{AccessPolicy, Caller};
 use crate::refresh::{
     insufficient_validity, misconfigured_error, no_such_session, reauth_error, token_or_error,
-    watch_event, Refresher, Trigger,
+    watch_event, Refresher, ScopedNeed, Trigger,
 };
 use crate::sessions::{now_ms, ScopedKey, Session, Sessions};
 use crate::store::{ClientConfig, SessionRecord, StateRecord, Store, StoreError, Tokens};
@@ -325,6 +325,7 @@ impl Agent {
 
         let min_valid_ms = min_valid_secs.saturating_mul(1000);
         if let Some(token) = session.scoped_servable(&key, now, min_valid_ms) {
+            self.refresh_scoped_ahead(&session, &key, now);
             return Ok(token);
         }
         check_session_state(&session, now)?;
@@ -346,7 +347,11 @@ impl Agent {
 
         debug!(session = %name, "fetching a down-scoped token");
         self.refresher
-            .refresh_scoped(session.clone(), key.clone(), min_valid_ms)
+            .refresh_scoped(
+                session.clone(),
+                key.clone(),
+                ScopedNeed::Valid { min_valid_ms },
+            )
             .await?;
         session
             .scoped_servable(&key, now_ms(), min_valid_ms)
@@ -356,6 +361,36 @@ impl Agent {
                     format!("session {name}: the down-scoped token lives shorter than asked for"),
                 )
             })
+    }
+
+    /// Starts replacing a down-scoped token in the background once it is as
+    /// far through its life as the session's own token is when refreshed,
+    /// so callers in use keep being served from memory. Only while the
+    /// session is fresh: a failing provider is left to the backoff.
+    fn refresh_scoped_ahead(&self, session: &Arc<Session>, key: &ScopedKey, now: u64) {
+        let Some(cached) = session.scoped(key) else {
+            return;
+        };
+        let due =
+            self.refresher
+                .timing()
+                .next_refresh(cached.obtained_at, cached.expires_at, None, 0.0);
+        if due > now || session.record().state.state != SessionState::Fresh {
+            return;
+        }
+        let need = ScopedNeed::Ahead {
+            obtained_at: cached.obtained_at,
+        };
+        let refresher = self.refresher.clone();
+        let (session, key) = (session.clone(), key.clone());
+        self.refresher.tasks.spawn(async move {
+            if let Err(err) = refresher.refresh_scoped(session, key, need).await {
+                debug!(
+                    code = err.code.as_str(),
+                    "refreshing a down-scoped token ahead failed"
+                );
+            }
+        });
     }
 
     /// Answers at once when a refresh cannot give a better token now, so a

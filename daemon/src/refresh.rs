@@ -45,6 +45,17 @@ pub enum Trigger {
     Forced,
 }
 
+/// What a down-scoped refresh is for; decides whether it is still needed
+/// once the gate is ours.
+#[derive(Debug, Clone, Copy)]
+pub enum ScopedNeed {
+    /// A caller needs a token valid this much longer.
+    Valid { min_valid_ms: u64 },
+    /// The token obtained at this time is due to be replaced ahead of its
+    /// expiry, as the session's own token is.
+    Ahead { obtained_at: u64 },
+}
+
 /// Clock difference to the provider above which a warning is logged.
 const SKEW_WARNING: Duration = Duration::from_secs(60);
 
@@ -502,21 +513,22 @@ impl Refresher {
         }
     }
 
-    /// A down-scoped token for `session`: fewer scopes or another audience,
-    /// from the session's refresh token, cached under `key`. Runs under the
-    /// session's gate like any refresh, and a rotated refresh token is
-    /// stored and flushed before the new access token is served.
+    /// Fetches a down-scoped token for `session` (fewer scopes or another
+    /// audience) with the session's refresh token, into its cache under
+    /// `key`. Runs under the session's gate like any refresh, and a rotated
+    /// refresh token is stored and flushed before the new access token is
+    /// cached.
     pub async fn refresh_scoped(
         self: &Arc<Self>,
         session: Arc<Session>,
         key: ScopedKey,
-        min_valid_ms: u64,
-    ) -> Result<TokenReply, ErrorReply> {
+        need: ScopedNeed,
+    ) -> Outcome {
         let this = self.clone();
         let span = info_span!("refresh_scoped", session = %session.name);
-        let task = self.tasks.spawn(
-            async move { this.scoped_in_task(&session, &key, min_valid_ms).await }.instrument(span),
-        );
+        let task = self
+            .tasks
+            .spawn(async move { this.scoped_in_task(&session, &key, need).await }.instrument(span));
         task.await.unwrap_or_else(|_| {
             Err(ErrorReply::new(
                 ErrorCode::Internal,
@@ -529,15 +541,23 @@ impl Refresher {
         &self,
         session: &Session,
         key: &ScopedKey,
-        min_valid_ms: u64,
-    ) -> Result<TokenReply, ErrorReply> {
+        need: ScopedNeed,
+    ) -> Outcome {
         let _gate = session.gate.lock().await;
         if session.is_removed() {
             return Err(no_such_session(&session.name));
         }
         // Another caller may have fetched it while we waited.
-        if let Some(token) = session.scoped_servable(key, now_ms(), min_valid_ms) {
-            return Ok(token);
+        let is_moot = match need {
+            ScopedNeed::Valid { min_valid_ms } => session
+                .scoped_servable(key, now_ms(), min_valid_ms)
+                .is_some(),
+            ScopedNeed::Ahead { obtained_at } => session
+                .scoped(key)
+                .is_some_and(|token| token.obtained_at != obtained_at),
+        };
+        if is_moot {
+            return Ok(());
         }
         let pending = session
             .unsaved
@@ -584,7 +604,7 @@ impl Refresher {
             )
             .await;
         let received = to_ms(answered.received_at);
-        let outcome = match answered.answer {
+        let outcome: Outcome = match answered.answer {
             Answer::Tokens(answer) => {
                 self.succeed_scoped(session, record, key, answer, received)
                     .await
@@ -628,19 +648,14 @@ impl Refresher {
                 Err(reply)
             }
             Answer::NeedsSignIn(provider_error) => {
-                failed(self.needs_sign_in(session, record, provider_error).await)
+                self.needs_sign_in(session, record, provider_error).await
             }
             Answer::ClientRejected(provider_error) => {
-                failed(self.client_rejected(session, record, provider_error).await)
+                self.client_rejected(session, record, provider_error).await
             }
         };
-        self.metrics.refreshed(
-            match &outcome {
-                Ok(_) => RefreshOutcome::Success,
-                Err(reply) => outcome_label(&Err(reply.clone())),
-            },
-            started.elapsed(),
-        );
+        self.metrics
+            .refreshed(outcome_label(&outcome), started.elapsed());
         outcome
     }
 
@@ -651,7 +666,7 @@ impl Refresher {
         key: &ScopedKey,
         answer: TokenAnswer,
         received: u64,
-    ) -> Result<TokenReply, ErrorReply> {
+    ) -> Outcome {
         record.refresh_in_flight = None;
         record.interrupted = false;
         if let Some(refresh_token) = answer.refresh_token {
@@ -703,9 +718,7 @@ impl Refresher {
             expires_at: received + lifetime,
         };
         session.cache_scoped(key.clone(), token);
-        session
-            .scoped_servable(key, now_ms(), 0)
-            .ok_or_else(|| insufficient_validity(&record))
+        Ok(())
     }
 
     /// Puts the session in the scheduler for its next refresh, or the end
@@ -835,13 +848,6 @@ fn jwt_lifetime_ms(token: &str) -> Option<u64> {
     let exp = claims.get("exp")?.as_i64()?;
     let iat = claims.get("iat")?.as_i64()?;
     (exp > iat).then(|| (exp - iat) as u64 * 1000)
-}
-
-/// The error of an outcome that is always one.
-fn failed(outcome: Outcome) -> Result<TokenReply, ErrorReply> {
-    Err(outcome.err().unwrap_or_else(|| {
-        ErrorReply::new(ErrorCode::Internal, "a refused refresh reported success")
-    }))
 }
 
 fn set_state(

@@ -322,3 +322,38 @@ async fn a_watcher_hears_once_that_the_token_ran_out_while_the_provider_fails() 
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_down_scoped_token_in_use_is_replaced_ahead_of_its_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeIdp::start().await;
+    let daemon = Daemon::start(dir.path(), test_timing()).await;
+    fake.then(Reply::tokens("at-1", Some("rt-2"), Some(300)));
+    daemon.import(session("s", &fake, "rt-1")).await.unwrap();
+
+    // A 3-second down-scoped token is due for replacement after 1.5 s.
+    fake.then(Reply::tokens("at-narrow-1", Some("rt-3"), Some(3)));
+    let narrow = TokenOptions::new().scope("read");
+    assert_eq!(
+        get_with(&daemon, narrow.clone()).await.unwrap(),
+        "at-narrow-1"
+    );
+    tokio::time::sleep(Duration::from_millis(1_700)).await;
+
+    // Served from memory at once, and replaced in the background.
+    fake.then(Reply::tokens("at-narrow-2", Some("rt-4"), Some(3)));
+    assert_eq!(
+        get_with(&daemon, narrow.clone()).await.unwrap(),
+        "at-narrow-1"
+    );
+    fake.wait_for_posts(3, WAIT).await;
+    wait_until("the replaced token is served", WAIT, || {
+        let narrow = narrow.clone();
+        let daemon = &daemon;
+        async move { get_with(daemon, narrow).await.as_deref() == Ok("at-narrow-2") }
+    })
+    .await;
+    assert_eq!(fake.presented(), ["rt-1", "rt-2", "rt-3"]);
+    assert_eq!(daemon.token("s").await, "at-1");
+    daemon.stop().await;
+}
