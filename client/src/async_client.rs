@@ -43,6 +43,8 @@ pub struct AsyncClient {
     stream: UnixStream,
     path: PathBuf,
     timeout: Duration,
+    /// The last exchange failed midway; the next request reconnects.
+    broken: bool,
 }
 
 impl AsyncClient {
@@ -57,6 +59,7 @@ impl AsyncClient {
             stream: open(path).await?,
             path: path.to_path_buf(),
             timeout: DEFAULT_TIMEOUT,
+            broken: false,
         };
         client.hello().await?;
         Ok(client)
@@ -80,14 +83,25 @@ impl AsyncClient {
     /// Sends one request and reads its answer. An error answer becomes
     /// [`ClientError::Agent`].
     pub async fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
-        match self.exchange(request).await {
-            Err(ClientError::Protocol(_)) if self.is_closed() => {
-                self.stream = open(&self.path).await?;
-                self.hello().await?;
-                self.exchange(request).await
-            }
-            other => other,
+        if self.broken {
+            self.reopen().await?;
         }
+        let mut answer = self.exchange(request).await;
+        if matches!(answer, Err(ClientError::Protocol(_))) && self.is_closed() {
+            self.reopen().await?;
+            answer = self.exchange(request).await;
+        }
+        // After a timeout or a garbled frame, the next answer on this
+        // connection could be the late one: start the next request afresh.
+        self.broken = matches!(answer, Err(ClientError::Protocol(_)));
+        answer
+    }
+
+    async fn reopen(&mut self) -> Result<(), ClientError> {
+        self.stream = open(&self.path).await?;
+        self.hello().await?;
+        self.broken = false;
+        Ok(())
     }
 
     fn is_closed(&self) -> bool {

@@ -213,6 +213,8 @@ pub struct Client {
     stream: UnixStream,
     path: PathBuf,
     timeout: Duration,
+    /// The last exchange failed midway; the next request reconnects.
+    broken: bool,
 }
 
 impl Client {
@@ -227,6 +229,7 @@ impl Client {
             stream: open(path)?,
             path: path.to_path_buf(),
             timeout: DEFAULT_TIMEOUT,
+            broken: false,
         };
         client.set_timeout(DEFAULT_TIMEOUT)?;
         client.hello()?;
@@ -255,16 +258,27 @@ impl Client {
     /// request (it restarted) is opened anew and the request sent again,
     /// once.
     pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
-        match self.exchange(request) {
-            Err(ClientError::Protocol(_)) if self.is_closed() => {
-                self.stream = open(&self.path)?;
-                let timeout = self.timeout;
-                self.set_timeout(timeout)?;
-                self.hello()?;
-                self.exchange(request)
-            }
-            other => other,
+        if self.broken {
+            self.reopen()?;
         }
+        let mut answer = self.exchange(request);
+        if matches!(answer, Err(ClientError::Protocol(_))) && self.is_closed() {
+            self.reopen()?;
+            answer = self.exchange(request);
+        }
+        // After a timeout or a garbled frame, the next answer on this
+        // connection could be the late one: start the next request afresh.
+        self.broken = matches!(answer, Err(ClientError::Protocol(_)));
+        answer
+    }
+
+    fn reopen(&mut self) -> Result<(), ClientError> {
+        self.stream = open(&self.path)?;
+        let timeout = self.timeout;
+        self.set_timeout(timeout)?;
+        self.hello()?;
+        self.broken = false;
+        Ok(())
     }
 
     /// Whether the agent has closed this connection. Asked only after a
@@ -493,6 +507,56 @@ mod tests {
             scope: scope.iter().map(|s| s.to_string()).collect(),
             audience: audience.map(str::to_string),
         }
+    }
+
+    /// Serves one connection: hello, then `answers` in turn, each after
+    /// its delay.
+    fn serve(mut stream: UnixStream, answers: Vec<(Duration, Response)>) {
+        let _: Request = read_frame(&mut stream, MAX_REQUEST_LEN).unwrap();
+        let hello = Response::Hello {
+            version: PROTOCOL_VERSION,
+            agent: "fake".into(),
+        };
+        write_frame(&mut stream, &hello, MAX_RESPONSE_LEN).unwrap();
+        for (delay, answer) in answers {
+            let _: Request = read_frame(&mut stream, MAX_REQUEST_LEN).unwrap();
+            std::thread::sleep(delay);
+            let _ = write_frame(&mut stream, &answer, MAX_RESPONSE_LEN);
+        }
+    }
+
+    #[test]
+    fn a_late_answer_is_never_taken_for_the_next_one() {
+        let dir = tempfile_dir();
+        let path = dir.join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let late = Response::Sessions { sessions: vec![] };
+            let first = listener.accept().unwrap().0;
+            let slow = std::thread::spawn(move || {
+                serve(first, vec![(Duration::from_millis(400), late)]);
+            });
+            let second = listener.accept().unwrap().0;
+            serve(second, vec![(Duration::ZERO, Response::Pong)]);
+            slow.join().unwrap();
+        });
+
+        let mut client = Client::connect(&path).unwrap();
+        client.set_timeout(Duration::from_millis(100)).unwrap();
+        assert!(matches!(client.list(), Err(ClientError::Protocol(_))));
+        client.ping().expect("a fresh connection answers the ping");
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "token-agent-client-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]
