@@ -14,7 +14,6 @@
 //! a request already sent, or its rotated answer would be thrown away.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -456,13 +455,9 @@ impl Refresher {
     /// new token or a failure. Callers have stored `record` first.
     fn install(&self, session: &Session, record: SessionRecord) {
         self.plan(session, &record);
-        let (old_token, old_state) = {
-            let old = session.record();
-            (old.tokens.access_token.clone(), old.state.state)
-        };
+        let old_token = session.record().tokens.access_token.clone();
         let token_changed =
             record.tokens.access_token.is_some() && record.tokens.access_token != old_token;
-        let state_changed = record.state.state != old_state;
         let now = now_ms();
         if matches!(
             record.state.state,
@@ -475,14 +470,16 @@ impl Refresher {
         }
         let event = watch_event(&record, now);
         session.set_record(record);
-        // A failure is news when the state changed, or when the token ran
-        // out while the provider kept failing.
-        let told_failure = session.told_failure.load(Ordering::Acquire);
-        let is_new_failure = event.error.is_some() && (state_changed || !told_failure);
+        // A failure is news once: when it starts (the token ran out while
+        // the provider fails, or the session needs a person) or changes.
+        let failure = event.error.as_ref().map(|e| e.code);
+        let mut told = session
+            .told_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let is_new_failure = failure.is_some() && failure != *told;
         if token_changed || is_new_failure {
-            session
-                .told_failure
-                .store(event.error.is_some(), Ordering::Release);
+            *told = failure;
             // No watcher is a fine outcome; a lagging one skips ahead.
             let _ = session.events.send(event);
         }

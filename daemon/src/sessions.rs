@@ -95,9 +95,9 @@ pub struct Session {
     /// loses the ones in between and is sent the current state instead;
     /// the refresher never waits for a watcher.
     pub events: broadcast::Sender<WatchEvent>,
-    /// Whether the last event sent told of a failure, so a failure that
-    /// goes on is told once.
-    pub told_failure: AtomicBool,
+    /// The failure the last event told of (none after a token), so a
+    /// failure that goes on through many attempts is told once.
+    pub told_failure: Mutex<Option<ErrorCode>>,
     /// Down-scoped tokens, apart from the session's own.
     scoped: Mutex<HashMap<ScopedKey, ScopedToken>>,
 }
@@ -114,7 +114,7 @@ impl Session {
             last_used: AtomicU64::new(now_ms()),
             removed: AtomicBool::new(false),
             events: broadcast::channel(EVENT_BACKLOG).0,
-            told_failure: AtomicBool::new(false),
+            told_failure: Mutex::new(None),
             scoped: Mutex::new(HashMap::new()),
         }
     }

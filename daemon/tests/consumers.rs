@@ -307,7 +307,8 @@ async fn a_watcher_hears_once_that_the_token_ran_out_while_the_provider_fails() 
     let events = watch(&daemon);
     wait_for_events(&events, 2).await;
     // Retries go on; the failure is told once.
-    fake.wait_for_posts(5, WAIT).await;
+    fake.wait_for_posts(6, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let events = events.lock().unwrap().clone();
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(
