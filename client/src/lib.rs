@@ -1,7 +1,12 @@
 //! A client for token-agent, for Rust programs and for `tokenctl`.
 //!
-//! It is blocking and small on purpose: a program that wants one token should
-//! not pay for an async runtime or TLS to get it.
+//! [`Client`] is blocking and small on purpose: a program that wants one
+//! token should not pay for an async runtime or TLS to get it. With the
+//! `async` feature, [`AsyncClient`] offers the same operations on tokio.
+//! Neither needs any knowledge of the wire format.
+//!
+//! A client keeps its connection for any number of requests; when the agent
+//! restarted in between, it reconnects once, transparently.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -12,6 +17,54 @@
 //! println!("Authorization: Bearer {}", token.access_token.expose());
 //! # Ok::<(), token_agent_client::ClientError>(())
 //! ```
+//!
+//! Errors carry the agent's stable code, so a program can tell "sign in
+//! again" from "try later":
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use token_agent_client::{Client, ClientError, proto::ErrorCode};
+//!
+//! let mut agent = Client::connect_default()?;
+//! match agent.get("work", Duration::from_secs(30)) {
+//!     Ok(token) => println!("valid until {}", token.expires_at),
+//!     Err(err) if err.code() == Some(ErrorCode::ReauthRequired) => {
+//!         eprintln!("sign in again: {err}");
+//!     }
+//!     Err(err) => return Err(err),
+//! }
+//! # Ok::<(), ClientError>(())
+//! ```
+//!
+//! A down-scoped token (fewer scopes, another audience) and a subscription
+//! to every new token:
+//!
+//! ```no_run
+//! use token_agent_client::{Client, TokenOptions};
+//!
+//! let mut agent = Client::connect_default()?;
+//! let options = TokenOptions::new()
+//!     .min_valid(std::time::Duration::from_secs(30))
+//!     .scope("read")
+//!     .audience("https://api.example.com");
+//! let narrow = agent.get_with("work", &options)?;
+//! # let _ = narrow;
+//!
+//! for event in agent.watch("work")? {
+//!     let event = event?;
+//!     match (&event.token, &event.error) {
+//!         (Some(token), _) => println!("new token, valid until {}", token.expires_at),
+//!         (None, Some(error)) => eprintln!("no token: {}", error.message),
+//!         (None, None) => {}
+//!     }
+//! }
+//! # Ok::<(), token_agent_client::ClientError>(())
+//! ```
+
+#[cfg(feature = "async")]
+mod async_client;
+#[cfg(feature = "async")]
+pub use async_client::{AsyncClient, AsyncWatcher};
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -20,7 +73,7 @@ use std::time::Duration;
 pub use token_agent_proto as proto;
 use token_agent_proto::{
     read_frame, write_frame, AgentInfo, ErrorCode, ErrorReply, FrameError, ImportSession, Request,
-    Response, Secret, SessionStatus, TokenReply, MAX_REQUEST_LEN, MAX_RESPONSE_LEN,
+    Response, Secret, SessionStatus, TokenReply, WatchEvent, MAX_REQUEST_LEN, MAX_RESPONSE_LEN,
     PROTOCOL_VERSION,
 };
 
@@ -28,6 +81,8 @@ use token_agent_proto::{
 /// and an import for discovery plus a refresh, so this is generous.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// What went wrong. [`ClientError::code`] gives the agent's stable
+/// [`ErrorCode`] when the agent answered with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing listens on the socket.
@@ -51,6 +106,82 @@ impl ClientError {
         match self {
             ClientError::Agent(reply) => Some(reply.code),
             _ => None,
+        }
+    }
+
+    /// Whether only a new sign-in helps (`reauth_required`).
+    pub fn needs_sign_in(&self) -> bool {
+        self.code() == Some(ErrorCode::ReauthRequired)
+    }
+
+    /// Whether the same request may succeed later without anyone acting
+    /// (`temporarily_unavailable`, `shutting_down`).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(ErrorCode::TemporarilyUnavailable | ErrorCode::ShuttingDown)
+        )
+    }
+}
+
+/// What a token must satisfy: a minimum validity, and for a down-scoped
+/// token the scopes (a subset of the session's) and the audience.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenOptions {
+    pub min_valid: Duration,
+    pub scope: Vec<String>,
+    pub audience: Option<String>,
+}
+
+impl TokenOptions {
+    pub fn new() -> TokenOptions {
+        TokenOptions::default()
+    }
+
+    /// The token must stay valid at least this long.
+    pub fn min_valid(mut self, min_valid: Duration) -> TokenOptions {
+        self.min_valid = min_valid;
+        self
+    }
+
+    /// Adds a scope; with any, the token is down-scoped to exactly these.
+    pub fn scope(mut self, scope: impl Into<String>) -> TokenOptions {
+        self.scope.push(scope.into());
+        self
+    }
+
+    /// The audience (an RFC 8707 resource URI, or an audience name).
+    pub fn audience(mut self, audience: impl Into<String>) -> TokenOptions {
+        self.audience = Some(audience.into());
+        self
+    }
+
+    /// Refuses a token that is not the one asked for: an agent that does
+    /// not know down-scoped tokens ignores the scopes and would hand out
+    /// the session's own, broader token.
+    pub fn check(&self, token: TokenReply) -> Result<TokenReply, ClientError> {
+        let mut scope = self.scope.clone();
+        scope.retain(|s| !s.is_empty());
+        scope.sort();
+        scope.dedup();
+        let audience = self.audience.clone().filter(|a| !a.is_empty());
+        if token.scope != scope || token.audience != audience {
+            return Err(ClientError::Protocol(
+                "the agent answered with a token for other scopes or another audience \
+                 than asked for; it may predate down-scoped tokens: upgrade it"
+                    .into(),
+            ));
+        }
+        Ok(token)
+    }
+
+    /// The `get` request for session `name`.
+    pub fn request(&self, name: &str) -> Request {
+        Request::Get {
+            name: name.into(),
+            min_valid_secs: self.min_valid.as_secs(),
+            scope: self.scope.clone(),
+            audience: self.audience.clone(),
         }
     }
 }
@@ -80,6 +211,10 @@ pub fn default_socket_path() -> PathBuf {
 /// One connection to the agent. Requests on it are answered in order.
 pub struct Client {
     stream: UnixStream,
+    path: PathBuf,
+    timeout: Duration,
+    /// The last exchange failed midway; the next request reconnects.
+    broken: bool,
 }
 
 impl Client {
@@ -90,17 +225,22 @@ impl Client {
 
     /// Connects to the agent at `path` and agrees on the protocol version.
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::NoAgent {
+        let mut client = Client {
+            stream: open(path)?,
             path: path.to_path_buf(),
-            source,
-        })?;
-        let mut client = Client { stream };
+            timeout: DEFAULT_TIMEOUT,
+            broken: false,
+        };
         client.set_timeout(DEFAULT_TIMEOUT)?;
+        client.hello()?;
+        Ok(client)
+    }
 
-        match client.request(&Request::Hello {
+    fn hello(&mut self) -> Result<(), ClientError> {
+        match self.exchange(&Request::Hello {
             version: PROTOCOL_VERSION,
         })? {
-            Response::Hello { .. } => Ok(client),
+            Response::Hello { .. } => Ok(()),
             other => Err(unexpected(other)),
         }
     }
@@ -108,13 +248,57 @@ impl Client {
     /// Limits how long each request may take.
     pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), ClientError> {
         let io = |err: std::io::Error| ClientError::Protocol(err.to_string());
+        self.timeout = timeout;
         self.stream.set_read_timeout(Some(timeout)).map_err(io)?;
         self.stream.set_write_timeout(Some(timeout)).map_err(io)
     }
 
     /// Sends one request and reads its answer. An error answer becomes
-    /// [`ClientError::Agent`].
+    /// [`ClientError::Agent`]. A connection the agent closed since the last
+    /// request (it restarted) is opened anew and the request sent again,
+    /// once.
     pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
+        if self.broken {
+            self.reopen()?;
+        }
+        let mut answer = self.exchange(request);
+        if matches!(answer, Err(ClientError::Protocol(_))) && self.is_closed() {
+            self.reopen()?;
+            answer = self.exchange(request);
+        }
+        // After a timeout or a garbled frame, the next answer on this
+        // connection could be the late one: start the next request afresh.
+        self.broken = matches!(answer, Err(ClientError::Protocol(_)));
+        answer
+    }
+
+    fn reopen(&mut self) -> Result<(), ClientError> {
+        self.stream = open(&self.path)?;
+        let timeout = self.timeout;
+        self.set_timeout(timeout)?;
+        self.hello()?;
+        self.broken = false;
+        Ok(())
+    }
+
+    /// Whether the agent has closed this connection. Asked only after a
+    /// failed exchange, when nothing worth keeping is left to read.
+    fn is_closed(&self) -> bool {
+        use std::io::Read;
+
+        let mut byte = [0u8; 1];
+        if self.stream.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let closed = match (&self.stream).read(&mut byte) {
+            Ok(read) => read == 0,
+            Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        let _ = self.stream.set_nonblocking(false);
+        closed
+    }
+
+    fn exchange(&mut self, request: &Request) -> Result<Response, ClientError> {
         let written = write_frame(&mut self.stream, request, MAX_REQUEST_LEN);
         let answer = read_frame(&mut self.stream, MAX_RESPONSE_LEN);
         // An agent that refuses us may close before our write lands; its
@@ -129,16 +313,39 @@ impl Client {
         }
     }
 
-    /// A token valid for at least `min_valid` more.
+    /// The session's token, valid for at least `min_valid` more.
     pub fn get(&mut self, name: &str, min_valid: Duration) -> Result<TokenReply, ClientError> {
-        let request = Request::Get {
-            name: name.into(),
-            min_valid_secs: min_valid.as_secs(),
-        };
-        match self.request(&request)? {
-            Response::Token(token) => Ok(token),
+        self.get_with(name, &TokenOptions::new().min_valid(min_valid))
+    }
+
+    /// A token as `options` ask: the session's own, or a down-scoped one.
+    pub fn get_with(
+        &mut self,
+        name: &str,
+        options: &TokenOptions,
+    ) -> Result<TokenReply, ClientError> {
+        match self.request(&options.request(name))? {
+            Response::Token(token) => options.check(token),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Turns this connection into a subscription to session `name`: the
+    /// [`Watcher`] yields the current state, then every new token or
+    /// failure as it happens, and ends after the session's removal.
+    pub fn watch(mut self, name: &str) -> Result<Watcher, ClientError> {
+        match self.request(&Request::Watch { name: name.into() })? {
+            Response::Watching { .. } => {}
+            other => return Err(unexpected(other)),
+        }
+        // Events come when they come.
+        self.stream
+            .set_read_timeout(None)
+            .map_err(|err| ClientError::Protocol(err.to_string()))?;
+        Ok(Watcher {
+            stream: self.stream,
+            ended: false,
+        })
     }
 
     /// Adds a session; the agent refreshes it at once.
@@ -215,7 +422,69 @@ impl Client {
     }
 }
 
-fn unexpected(response: Response) -> ClientError {
+/// A subscription to one session's changes; see [`Client::watch`]. Each
+/// item is one event, in the order the agent saw them. A reader that falls
+/// far behind (64 events) is sent the current state instead of the events
+/// it missed.
+pub struct Watcher {
+    stream: UnixStream,
+    ended: bool,
+}
+
+impl Watcher {
+    /// Waits for the next event. After the session's removal (an event
+    /// with `no_such_session`) the agent closes the subscription.
+    pub fn next_event(&mut self) -> Result<WatchEvent, ClientError> {
+        if self.ended {
+            return Err(ClientError::Protocol("the subscription has ended".into()));
+        }
+        let response = read_frame(&mut self.stream, MAX_RESPONSE_LEN);
+        let event = match response {
+            Ok(Response::Event(event)) => event,
+            Ok(Response::Error(reply)) => {
+                self.ended = true;
+                return Err(ClientError::Agent(reply));
+            }
+            Ok(other) => return Err(unexpected(other)),
+            Err(err) => {
+                self.ended = true;
+                return Err(err.into());
+            }
+        };
+        if is_final(&event) {
+            self.ended = true;
+        }
+        Ok(event)
+    }
+}
+
+impl Iterator for Watcher {
+    type Item = Result<WatchEvent, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.ended {
+            return None;
+        }
+        Some(self.next_event())
+    }
+}
+
+/// Whether an event is the last of its subscription.
+pub(crate) fn is_final(event: &WatchEvent) -> bool {
+    event
+        .error
+        .as_ref()
+        .is_some_and(|e| e.code == ErrorCode::NoSuchSession)
+}
+
+fn open(path: &Path) -> Result<UnixStream, ClientError> {
+    UnixStream::connect(path).map_err(|source| ClientError::NoAgent {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+pub(crate) fn unexpected(response: Response) -> ClientError {
     let kind = match response {
         Response::Hello { .. } => "hello",
         Response::Pong => "pong",
@@ -225,7 +494,89 @@ fn unexpected(response: Response) -> ClientError {
         Response::Done { .. } => "done",
         Response::Info(_) => "info",
         Response::Metrics { .. } => "metrics",
+        Response::Watching { .. } => "watching",
+        Response::Event(_) => "event",
         Response::Error(_) => "error",
     };
     ClientError::Protocol(format!("the agent answered with an unexpected {kind}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(scope: &[&str], audience: Option<&str>) -> TokenReply {
+        TokenReply {
+            access_token: Secret::new("t"),
+            token_type: "Bearer".into(),
+            expires_at: 1,
+            scope: scope.iter().map(|s| s.to_string()).collect(),
+            audience: audience.map(str::to_string),
+        }
+    }
+
+    /// Serves one connection: hello, then `answers` in turn, each after
+    /// its delay.
+    fn serve(mut stream: UnixStream, answers: Vec<(Duration, Response)>) {
+        let _: Request = read_frame(&mut stream, MAX_REQUEST_LEN).unwrap();
+        let hello = Response::Hello {
+            version: PROTOCOL_VERSION,
+            agent: "fake".into(),
+        };
+        write_frame(&mut stream, &hello, MAX_RESPONSE_LEN).unwrap();
+        for (delay, answer) in answers {
+            let _: Request = read_frame(&mut stream, MAX_REQUEST_LEN).unwrap();
+            std::thread::sleep(delay);
+            let _ = write_frame(&mut stream, &answer, MAX_RESPONSE_LEN);
+        }
+    }
+
+    #[test]
+    fn a_late_answer_is_never_taken_for_the_next_one() {
+        let dir = tempfile_dir();
+        let path = dir.join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let late = Response::Sessions { sessions: vec![] };
+            let first = listener.accept().unwrap().0;
+            let slow = std::thread::spawn(move || {
+                serve(first, vec![(Duration::from_millis(400), late)]);
+            });
+            let second = listener.accept().unwrap().0;
+            serve(second, vec![(Duration::ZERO, Response::Pong)]);
+            slow.join().unwrap();
+        });
+
+        let mut client = Client::connect(&path).unwrap();
+        client.set_timeout(Duration::from_millis(100)).unwrap();
+        assert!(matches!(client.list(), Err(ClientError::Protocol(_))));
+        client.ping().expect("a fresh connection answers the ping");
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "token-agent-client-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_token_for_other_scopes_than_asked_is_refused() {
+        let plain = TokenOptions::new();
+        assert!(plain.check(token(&[], None)).is_ok());
+
+        let narrow = TokenOptions::new().scope("b").scope("a").scope("a");
+        assert!(narrow.check(token(&["a", "b"], None)).is_ok());
+        // An older agent ignores the scopes and serves the session's token.
+        assert!(narrow.check(token(&[], None)).is_err());
+
+        let audience = TokenOptions::new().audience("https://api");
+        assert!(audience.check(token(&[], Some("https://api"))).is_ok());
+        assert!(audience.check(token(&[], None)).is_err());
+    }
 }

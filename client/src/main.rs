@@ -14,12 +14,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use token_agent_client::proto::{
     AgentInfo, ClientAuth, ErrorCode, ExpirySource, Grant, ImportSession, Secret, SessionState,
-    SessionStatus,
+    SessionStatus, TokenReply,
 };
-use token_agent_client::{default_socket_path, Client, ClientError};
+use token_agent_client::{default_socket_path, Client, ClientError, TokenOptions};
+
+mod consumers;
 
 #[derive(Parser)]
 #[command(
@@ -39,12 +41,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print a current access token, alone, on standard output.
+    /// Print a current access token on standard output: alone (raw), as
+    /// JSON with its expiry, or as an HTTP Authorization header line.
     Get {
         name: String,
-        /// The token must stay valid at least this long, e.g. 30s or 5m.
-        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
-        min_valid: Duration,
+        #[command(flatten)]
+        token: TokenArgs,
+        /// How to print it.
+        #[arg(long, value_enum, default_value_t = Format::Raw)]
+        format: Format,
     },
     /// Sign in with the provider (device flow, browser, or client
     /// credentials) and hand the new session to the agent.
@@ -52,6 +57,52 @@ enum Command {
     /// Revoke a session's refresh token at the provider, where it offers
     /// revocation, and remove the session.
     Logout { name: String },
+    /// Run a command with the token in an environment variable, passing
+    /// its exit code through: `tokenctl exec work -- curl ...`.
+    Exec {
+        name: String,
+        #[command(flatten)]
+        token: TokenArgs,
+        /// The environment variable that carries the token.
+        #[arg(long = "env", value_name = "VAR", default_value = "ACCESS_TOKEN")]
+        var: String,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// A kubectl exec credential plugin: print an ExecCredential
+    /// (client.authentication.k8s.io/v1) with the token and its expiry.
+    Kubectl {
+        name: String,
+        #[command(flatten)]
+        token: TokenArgs,
+    },
+    /// A git credential helper: `git config credential.helper
+    /// '!tokenctl git-credential NAME'`. Answers `get` with the token and
+    /// its expiry; ignores `store` and `erase`.
+    GitCredential {
+        name: String,
+        /// What git asks: get, store or erase.
+        action: String,
+        #[command(flatten)]
+        token: TokenArgs,
+    },
+    /// Print the session's token now and each new one the moment the agent
+    /// has it, until interrupted or the session is removed.
+    Watch {
+        name: String,
+        /// raw: each token on a line of its own; json: each event as one
+        /// line of JSON, failures included.
+        #[arg(long, value_enum, default_value_t = WatchFormat::Raw)]
+        format: WatchFormat,
+    },
+    /// Print a shell completion script: `tokenctl completions bash`.
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print the manual page (roff): `tokenctl man | man -l -`.
+    Man,
     /// Add a session from a refresh token obtained elsewhere. The agent
     /// refreshes at once, so a bad token or client is reported now.
     Import(ImportArgs),
@@ -77,6 +128,54 @@ enum Command {
     Lock,
     /// Serve tokens again.
     Unlock,
+}
+
+/// What the token must satisfy.
+#[derive(clap::Args, Clone)]
+struct TokenArgs {
+    /// The token must stay valid at least this long, e.g. 30s or 5m.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    min_valid: Duration,
+    /// A down-scoped token for this scope (a subset of the session's);
+    /// repeat for several.
+    #[arg(long = "scope", value_name = "SCOPE")]
+    scopes: Vec<String>,
+    /// A token for this audience (an RFC 8707 resource URI, or a name).
+    #[arg(long, value_name = "AUDIENCE")]
+    audience: Option<String>,
+}
+
+impl TokenArgs {
+    fn options(&self) -> TokenOptions {
+        TokenOptions {
+            min_valid: self.min_valid,
+            scope: self.scopes.clone(),
+            audience: self.audience.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    /// The token alone.
+    Raw,
+    /// {"access_token", "token_type", "expires_at", "expires_in"}.
+    Json,
+    /// `Authorization: Bearer ...`.
+    Header,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WatchFormat {
+    Raw,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(clap::Args)]
@@ -181,6 +280,32 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Some(path) => path,
         None => default_socket_path(),
     };
+    let mut out = std::io::stdout().lock();
+
+    // What needs no agent.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "tokenctl", &mut out);
+            return Ok(());
+        }
+        Command::Man => {
+            return clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .map_err(|err| failure(format!("cannot write the output: {err}")));
+        }
+        Command::GitCredential { action, .. } if action != "get" => {
+            // store and erase: the agent keeps the token, git keeps nothing.
+            consumers::drain_stdin();
+            return Ok(());
+        }
+        _ => {}
+    }
+
     // Read secrets before connecting, so a typo in a path fails fast.
     let import = match &cli.command {
         Command::Import(args) => Some(import_request(args)?),
@@ -191,8 +316,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Unlock => Some(read_passphrase(false)?),
         _ => None,
     };
+    let git_request = match &cli.command {
+        Command::GitCredential { .. } => Some(consumers::read_git_request()?),
+        _ => None,
+    };
     let mut agent = Client::connect(&socket)?;
-    let mut out = std::io::stdout().lock();
 
     if let Command::Login(args) = &cli.command {
         // The agent answered above, and the name is free, so the sign-in is
@@ -232,12 +360,40 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
 
     let printed = match cli.command {
-        Command::Get { name, min_valid } => {
-            let token = agent.get(&name, min_valid)?;
-            writeln!(out, "{}", token.access_token.expose())
+        Command::Get {
+            name,
+            token,
+            format,
+        } => {
+            let token = agent.get_with(&name, &token.options())?;
+            print_token(&mut out, &token, format)
         }
         Command::Login(_) => unreachable!("handled above"),
         Command::Logout { name } => writeln!(out, "{}", agent.logout(&name)?),
+        Command::Exec {
+            name,
+            token,
+            var,
+            command,
+        } => {
+            let token = agent.get_with(&name, &token.options())?;
+            drop(agent);
+            return Err(consumers::exec(&var, &token, &command));
+        }
+        Command::Kubectl { name, token } => {
+            let token = agent.get_with(&name, &token.options())?;
+            print_json(&mut out, &consumers::exec_credential(&token))
+        }
+        Command::GitCredential { name, token, .. } => {
+            let token = agent.get_with(&name, &token.options())?;
+            let request = git_request.expect("read above");
+            write!(out, "{}", consumers::git_answer(&request, &token))
+        }
+        Command::Watch { name, format } => {
+            drop(out);
+            return consumers::watch(agent, &name, format == WatchFormat::Json);
+        }
+        Command::Completions { .. } | Command::Man => unreachable!("answered above"),
         Command::Import(_) => {
             let message = agent.import(import.expect("built above"))?;
             writeln!(out, "{message}")
@@ -430,6 +586,24 @@ fn expiry_words(session: &SessionStatus) -> String {
         Some(at) if at > now() => format!("expires {}", relative(at)),
         Some(at) => format!("expired {}", relative(at)),
         None => "no token".into(),
+    }
+}
+
+fn print_token(out: &mut impl Write, token: &TokenReply, format: Format) -> std::io::Result<()> {
+    let secret = token.access_token.expose();
+    match format {
+        Format::Raw => writeln!(out, "{secret}"),
+        Format::Header => writeln!(out, "Authorization: Bearer {secret}"),
+        Format::Json => {
+            let json = serde_json::json!({
+                "access_token": secret,
+                "token_type": token.token_type,
+                "expires_at": token.expires_at,
+                "expires_in": token.expires_at.saturating_sub(now()),
+            });
+            serde_json::to_writer(&mut *out, &json)?;
+            writeln!(out)
+        }
     }
 }
 

@@ -7,17 +7,19 @@ use std::time::Duration;
 
 use token_agent_proto::{
     validate_session_name, AgentInfo, ClientAuth, ErrorCode, ErrorReply, Grant, ImportSession,
-    Request, Response, Secret, SessionState, TokenReply, PROTOCOL_VERSION,
+    Request, Response, Secret, SessionState, TokenReply, WatchEvent, PROTOCOL_VERSION,
 };
+use tokio::sync::broadcast;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 
 use crate::oauth::{Endpoints, TokenAnswer};
 use crate::peer::{AccessPolicy, Caller};
 use crate::refresh::{
-    insufficient_validity, no_such_session, reauth_error, token_or_error, Refresher, Trigger,
+    insufficient_validity, misconfigured_error, no_such_session, reauth_error, token_or_error,
+    watch_event, Refresher, ScopedNeed, Trigger,
 };
-use crate::sessions::{now_ms, Session, Sessions};
+use crate::sessions::{now_ms, ScopedKey, Session, Sessions};
 use crate::store::{ClientConfig, SessionRecord, StateRecord, Store, StoreError, Tokens};
 
 /// How long a wrong unlock passphrase makes the caller wait, so guessing
@@ -81,7 +83,49 @@ impl Agent {
             agent.plan(&session);
             agent.sessions.insert(session);
         }
+        agent.write_token_files();
         Ok(agent)
+    }
+
+    /// Writes every configured token file whose session holds a valid
+    /// token: at start, and when the configuration is reloaded.
+    pub fn write_token_files(&self) {
+        let now = now_ms();
+        for session in self.sessions.all() {
+            let record = session.record().clone();
+            if record.tokens.access_token.is_some() && record.tokens.access_expires_at > now {
+                self.refresher.write_token_file(&record);
+            }
+        }
+    }
+
+    /// Subscribes `caller` to the changes of session `name`: the receiver
+    /// of its events, and the current state as the first event. The
+    /// receiver is taken first, so no change falls between the two.
+    pub fn subscribe(
+        &self,
+        name: &str,
+        caller: &Caller,
+    ) -> Result<(WatchEvent, broadcast::Receiver<WatchEvent>), ErrorReply> {
+        if self.is_locked() {
+            return Err(locked_error());
+        }
+        if let Err(why) = self.policy().may_take(name, caller) {
+            warn!(session = %name, uid = caller.uid, pid = ?caller.pid, "refused a watch: {why}");
+            return Err(ErrorReply::new(ErrorCode::PermissionDenied, why));
+        }
+        let session = self.find(name)?;
+        let events = session.events.subscribe();
+        let current = watch_event(&session.record(), now_ms());
+        Ok((current, events))
+    }
+
+    /// The state of session `name` now, for a watcher that fell behind;
+    /// `None` once the session is gone.
+    pub fn current_event(&self, name: &str) -> Option<WatchEvent> {
+        let session = self.sessions.get(name)?;
+        let event = watch_event(&session.record(), now_ms());
+        Some(event)
     }
 
     fn plan(&self, session: &Arc<Session>) {
@@ -92,10 +136,7 @@ impl Agent {
     /// Answers one request from `caller`.
     pub async fn handle(&self, request: Request, caller: &Caller) -> Response {
         if self.is_locked() && !is_allowed_while_locked(&request) {
-            return Response::Error(ErrorReply::new(
-                ErrorCode::Locked,
-                "the agent is locked; `tokenctl unlock` it to be served tokens again",
-            ));
+            return Response::Error(locked_error());
         }
         if let Request::Get { name, .. } = &request {
             if let Err(why) = self.policy().may_take(name, caller) {
@@ -113,11 +154,24 @@ impl Agent {
             Request::Get {
                 name,
                 min_valid_secs,
+                scope,
+                audience,
             } => {
-                let token = self.get(&name, min_valid_secs).await;
+                let key = ScopedKey::new(scope, audience);
+                let token = if key.is_plain() {
+                    self.get(&name, min_valid_secs).await
+                } else {
+                    self.get_scoped(&name, key, min_valid_secs).await
+                };
                 self.refresher.metrics.got(token.is_ok());
                 token.map(Response::Token)
             }
+            // The server turns the connection into a subscription before
+            // a watch gets here.
+            Request::Watch { .. } => Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "watch is answered by the connection handler",
+            )),
             Request::Import(import) => self.import(*import).await.map(done),
             Request::Remove { name } => self.remove(&name).await.map(done),
             Request::Logout { name } => self.logout(&name).await.map(done),
@@ -258,6 +312,88 @@ impl Agent {
         token_or_error(&session, min_valid_ms)
     }
 
+    /// A down-scoped token valid for `min_valid_secs` more: from the
+    /// session's cache, else fetched with the session's refresh token.
+    async fn get_scoped(
+        &self,
+        name: &str,
+        key: ScopedKey,
+        min_valid_secs: u64,
+    ) -> Result<TokenReply, ErrorReply> {
+        let session = self.find(name)?;
+        let now = now_ms();
+        session.touch(now);
+
+        let min_valid_ms = min_valid_secs.saturating_mul(1000);
+        if let Some(token) = session.scoped_servable(&key, now, min_valid_ms) {
+            self.refresh_scoped_ahead(&session, &key, now);
+            return Ok(token);
+        }
+        check_session_state(&session, now)?;
+        // A valid token shorter than asked for, fetched a moment ago:
+        // another request would bring the same lifetime.
+        if let Some(cached) = session.scoped(&key) {
+            let fresh = now.saturating_sub(cached.obtained_at) < self.refresher.timing().min_gap_ms;
+            if cached.expires_at > now && fresh {
+                return Err(ErrorReply::new(
+                    ErrorCode::InsufficientValidity,
+                    format!(
+                        "session {name}: the provider's down-scoped tokens live {} s, less than \
+                         the validity asked for",
+                        cached.expires_at.saturating_sub(cached.obtained_at) / 1000
+                    ),
+                ));
+            }
+        }
+
+        debug!(session = %name, "fetching a down-scoped token");
+        self.refresher
+            .refresh_scoped(
+                session.clone(),
+                key.clone(),
+                ScopedNeed::Valid { min_valid_ms },
+            )
+            .await?;
+        session
+            .scoped_servable(&key, now_ms(), min_valid_ms)
+            .ok_or_else(|| {
+                ErrorReply::new(
+                    ErrorCode::InsufficientValidity,
+                    format!("session {name}: the down-scoped token lives shorter than asked for"),
+                )
+            })
+    }
+
+    /// Starts replacing a down-scoped token in the background once it is as
+    /// far through its life as the session's own token is when refreshed,
+    /// so callers in use keep being served from memory. Only while the
+    /// session is fresh: a failing provider is left to the backoff.
+    fn refresh_scoped_ahead(&self, session: &Arc<Session>, key: &ScopedKey, now: u64) {
+        let Some(cached) = session.scoped(key) else {
+            return;
+        };
+        let due =
+            self.refresher
+                .timing()
+                .next_refresh(cached.obtained_at, cached.expires_at, None, 0.0);
+        if due > now || session.record().state.state != SessionState::Fresh {
+            return;
+        }
+        let need = ScopedNeed::Ahead {
+            obtained_at: cached.obtained_at,
+        };
+        let refresher = self.refresher.clone();
+        let (session, key) = (session.clone(), key.clone());
+        self.refresher.tasks.spawn(async move {
+            if let Err(err) = refresher.refresh_scoped(session, key, need).await {
+                debug!(
+                    code = err.code.as_str(),
+                    "refreshing a down-scoped token ahead failed"
+                );
+            }
+        });
+    }
+
     /// Answers at once when a refresh cannot give a better token now, so a
     /// client never waits on a dead session and never drives the provider
     /// harder than the backoff allows.
@@ -267,46 +403,12 @@ impl Agent {
         now: u64,
         min_valid_ms: u64,
     ) -> Result<(), ErrorReply> {
-        let record = session.record();
-        match record.state.state {
-            SessionState::NeedsSignIn => return Err(reauth_error(&record)),
-            SessionState::ClientMisconfigured => {
-                let mut reply = ErrorReply::new(
-                    ErrorCode::ClientMisconfigured,
-                    format!(
-                        "session {}: {}",
-                        record.name,
-                        record
-                            .state
-                            .reason
-                            .as_deref()
-                            .unwrap_or("the client is misconfigured")
-                    ),
-                );
-                reply.provider_error = record.state.provider_error.clone();
-                return Err(reply);
-            }
-            SessionState::Retrying => {
-                if let Some(retry_at) = record.next_refresh_at.filter(|&at| at > now) {
-                    let mut reply = ErrorReply::new(
-                        ErrorCode::TemporarilyUnavailable,
-                        format!(
-                            "session {}: the provider is failing ({}); the agent retries in {} s",
-                            record.name,
-                            record.state.reason.as_deref().unwrap_or("unknown error"),
-                            (retry_at - now).div_ceil(1000)
-                        ),
-                    );
-                    reply.retry_at = Some(retry_at.div_ceil(1000));
-                    return Err(reply);
-                }
-            }
-            SessionState::Fresh | SessionState::Refreshing => {}
-        }
+        check_session_state(session, now)?;
 
         // A valid token whose whole lifetime is shorter than asked for,
         // fetched a moment ago: another refresh would bring the same
         // lifetime, and asking again and again would be a refresh loop.
+        let record = session.record();
         let lifetime = record
             .tokens
             .access_expires_at
@@ -536,6 +638,41 @@ fn is_allowed_while_locked(request: &Request) -> bool {
             | Request::Refresh { .. }
             | Request::Lock { .. }
             | Request::Unlock { .. }
+    )
+}
+
+/// Refuses at once when the session's state says a refresh cannot help
+/// now: it needs a person, or the provider is failing and the next attempt
+/// is planned.
+fn check_session_state(session: &Session, now: u64) -> Result<(), ErrorReply> {
+    let record = session.record();
+    match record.state.state {
+        SessionState::NeedsSignIn => return Err(reauth_error(&record)),
+        SessionState::ClientMisconfigured => return Err(misconfigured_error(&record)),
+        SessionState::Retrying => {
+            if let Some(retry_at) = record.next_refresh_at.filter(|&at| at > now) {
+                let mut reply = ErrorReply::new(
+                    ErrorCode::TemporarilyUnavailable,
+                    format!(
+                        "session {}: the provider is failing ({}); the agent retries in {} s",
+                        record.name,
+                        record.state.reason.as_deref().unwrap_or("unknown error"),
+                        (retry_at - now).div_ceil(1000)
+                    ),
+                );
+                reply.retry_at = Some(retry_at.div_ceil(1000));
+                return Err(reply);
+            }
+        }
+        SessionState::Fresh | SessionState::Refreshing => {}
+    }
+    Ok(())
+}
+
+fn locked_error() -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::Locked,
+        "the agent is locked; `tokenctl unlock` it to be served tokens again",
     )
 }
 

@@ -235,6 +235,8 @@ impl Args {
 /// [sessions.work]              # who may be served this session's token
 /// allowed_executables = ["/usr/bin/curl"]
 /// allowed_units = ["backup.service"]
+/// token_file = "/run/user/1000/bt_u1000"  # the token, rewritten on refresh
+/// token_file_mode = "0640"     # default 0600
 ///
 /// [timing]                     # flags override these
 /// refresh_at = 0.8
@@ -326,6 +328,24 @@ pub struct SessionRules {
     pub allowed_executables: Vec<PathBuf>,
     #[serde(default)]
     pub allowed_units: Vec<String>,
+    /// A file the session's current access token is written to after
+    /// every refresh (atomically: a temporary file renamed over it).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The token file's mode, in octal ("0640"); 0600 when absent.
+    #[serde(default, deserialize_with = "octal_mode")]
+    pub token_file_mode: Option<u32>,
+}
+
+/// "0640" or "640": permission bits, nothing above 0o777.
+fn octal_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let text = String::deserialize(d)?;
+    match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
+        Ok(mode) if mode <= 0o777 => Ok(Some(mode)),
+        _ => Err(serde::de::Error::custom(format!(
+            "{text:?} is not a file mode such as \"0600\""
+        ))),
+    }
 }
 
 impl FileConfig {
@@ -420,5 +440,20 @@ mod tests {
         )
         .unwrap();
         assert!(file.profiles.contains_key("work"));
+    }
+
+    #[test]
+    fn a_session_may_name_a_token_file_and_its_mode() {
+        let file: FileConfig = toml::from_str(
+            "[sessions.work]\ntoken_file = \"/run/bt\"\ntoken_file_mode = \"0640\"\n",
+        )
+        .unwrap();
+        let rules = &file.sessions["work"];
+        assert_eq!(rules.token_file.as_deref(), Some(Path::new("/run/bt")));
+        assert_eq!(rules.token_file_mode, Some(0o640));
+        assert!(toml::from_str::<FileConfig>("[sessions.w]\ntoken_file_mode = \"rw\"\n").is_err());
+        assert!(
+            toml::from_str::<FileConfig>("[sessions.w]\ntoken_file_mode = \"1777\"\n").is_err()
+        );
     }
 }

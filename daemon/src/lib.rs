@@ -16,6 +16,7 @@
 //! - [`shutdown`]: signals and draining;
 //! - [`systemd`]: socket activation, readiness, watchdog;
 //! - [`metrics`]: counters and Prometheus text;
+//! - [`token_file`]: a session's token written to a file on every refresh;
 //! - [`config`]: flags and environment.
 //!
 //! The binary is a thin `main` over [`start`].
@@ -34,6 +35,7 @@ pub mod sessions;
 pub mod shutdown;
 pub mod store;
 pub mod systemd;
+pub mod token_file;
 
 use std::sync::{Arc, RwLock};
 
@@ -93,6 +95,7 @@ pub async fn start_with(
         metrics: Arc::new(Metrics::default()),
         timing: RwLock::new(config.timing),
         tasks: TaskTracker::new(),
+        token_files: RwLock::new(token_file::from_rules(&config.file.sessions)),
     });
     let policy = AccessPolicy::new(&config.file.access, &config.file.sessions);
     let facts = Facts {
@@ -185,7 +188,14 @@ impl Reloader {
             .timing
             .write()
             .unwrap_or_else(|e| e.into_inner()) = new.timing;
-        info!("configuration reloaded: access rules and timing apply from now on");
+        *self
+            .agent
+            .refresher
+            .token_files
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = token_file::from_rules(&new.file.sessions);
+        self.agent.write_token_files();
+        info!("configuration reloaded: access rules, timing and token files apply from now on");
         systemd::notify_reloaded(&format!("serving {} sessions", self.agent.sessions.len()));
     }
 }

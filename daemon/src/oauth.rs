@@ -160,11 +160,26 @@ impl Provider {
     /// requires `scope` on every refresh, and other providers take the
     /// granted scopes as a no-op narrowing.
     pub async fn refresh(&self, client: &ClientConfig, refresh_token: &Secret) -> Answered {
+        self.refresh_narrowed(client, refresh_token, &[], None)
+            .await
+    }
+
+    /// Like [`Provider::refresh`], asking for a down-scoped access token:
+    /// `scope` (when not empty) in place of the session's scopes, and an
+    /// `audience`. An audience that is an absolute URI goes out as RFC 8707
+    /// `resource`; any other as `audience` (Auth0, Okta, Keycloak style).
+    pub async fn refresh_narrowed(
+        &self,
+        client: &ClientConfig,
+        refresh_token: &Secret,
+        scope: &[String],
+        audience: Option<&str>,
+    ) -> Answered {
         let form: Vec<(&str, &str)> = vec![
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token.expose()),
         ];
-        self.token_request(client, form).await
+        self.token_request(client, form, scope, audience).await
     }
 
     /// Asks for a new access token with the client's own credentials
@@ -172,13 +187,28 @@ impl Provider {
     /// token. Classified like a refresh answer.
     pub async fn client_credentials(&self, client: &ClientConfig) -> Answered {
         let form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
-        self.token_request(client, form).await
+        self.token_request(client, form, &[], None).await
     }
 
-    async fn token_request(&self, client: &ClientConfig, mut form: Vec<(&str, &str)>) -> Answered {
-        let scope = client.scopes.join(" ");
+    /// Sends one token request: `form` plus the scope (the session's unless
+    /// narrowed), the audience and the client's authentication.
+    async fn token_request(
+        &self,
+        client: &ClientConfig,
+        mut form: Vec<(&str, &str)>,
+        scope: &[String],
+        audience: Option<&str>,
+    ) -> Answered {
+        let scope = if scope.is_empty() {
+            client.scopes.join(" ")
+        } else {
+            scope.join(" ")
+        };
         if !scope.is_empty() {
             form.push(("scope", &scope));
+        }
+        if let Some(audience) = audience {
+            form.push((audience_parameter(audience), audience));
         }
 
         // GitHub answers form-encoded text unless JSON is asked for.
@@ -300,6 +330,15 @@ fn describe_http_error(err: &reqwest::Error) -> String {
         kind.to_string()
     } else {
         format!("{kind}: {detail}")
+    }
+}
+
+/// RFC 8707 `resource` wants an absolute URI; anything else is an
+/// audience name for the providers that take `audience`.
+pub fn audience_parameter(audience: &str) -> &'static str {
+    match url::Url::parse(audience) {
+        Ok(url) if !url.cannot_be_a_base() => "resource",
+        _ => "audience",
     }
 }
 
@@ -515,6 +554,14 @@ fn visible_text(body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_audience_uri_is_a_resource_and_a_name_an_audience() {
+        assert_eq!(audience_parameter("https://api.example/v1"), "resource");
+        assert_eq!(audience_parameter("urn:example:api"), "audience");
+        assert_eq!(audience_parameter("api://default"), "resource");
+        assert_eq!(audience_parameter("billing"), "audience");
+    }
+
     use super::*;
 
     fn answer(status: u16, content_type: &str, body: &str) -> Answer {

@@ -98,6 +98,10 @@ impl AccessPolicy {
         let Some(rules) = self.sessions.get(name) else {
             return Ok(());
         };
+        // A section that only configures a token file restricts nobody.
+        if rules.allowed_executables.is_empty() && rules.allowed_units.is_empty() {
+            return Ok(());
+        }
         let exe_listed = caller.exe.as_ref().is_some_and(|exe| {
             rules
                 .allowed_executables
@@ -168,6 +172,7 @@ mod tests {
             SessionRules {
                 allowed_executables: vec!["/usr/bin/curl".into()],
                 allowed_units: vec!["backup.service".into()],
+                ..SessionRules::default()
             },
         );
         let policy = AccessPolicy::new(&AccessConfig::default(), &sessions);

@@ -13,12 +13,13 @@
 //! Each refresh runs in its own task: a client that hangs up must not cancel
 //! a request already sent, or its rotated answer would be thrown away.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use token_agent_proto::{
-    ErrorCode, ErrorReply, ExpirySource, Grant, ProviderError, SessionState, TokenReply,
+    ErrorCode, ErrorReply, ExpirySource, Grant, ProviderError, SessionState, TokenReply, WatchEvent,
 };
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -27,8 +28,9 @@ use crate::metrics::{Metrics, RefreshOutcome};
 use crate::oauth::{Answer, Answered, Provider, TokenAnswer, Transient};
 use crate::schedule::Timing;
 use crate::scheduler::Scheduler;
-use crate::sessions::{now_ms, to_ms, Outcome, Session, Sessions};
+use crate::sessions::{now_ms, to_ms, Outcome, ScopedKey, ScopedToken, Session, Sessions};
 use crate::store::{ClientConfig, InFlight, SessionRecord, StateRecord, Store};
+use crate::token_file::TokenFile;
 
 /// Why a refresh was asked for; decides whether it is still needed once
 /// the gate is ours.
@@ -40,6 +42,17 @@ pub enum Trigger {
     Demand { min_valid_ms: u64 },
     /// A person asked (`tokenctl refresh`), or a session was just imported.
     Forced,
+}
+
+/// What a down-scoped refresh is for; decides whether it is still needed
+/// once the gate is ours.
+#[derive(Debug, Clone, Copy)]
+pub enum ScopedNeed {
+    /// A caller needs a token valid this much longer.
+    Valid { min_valid_ms: u64 },
+    /// The token obtained at this time is due to be replaced ahead of its
+    /// expiry, as the session's own token is.
+    Ahead { obtained_at: u64 },
 }
 
 /// Clock difference to the provider above which a warning is logged.
@@ -54,6 +67,9 @@ pub struct Refresher {
     /// Replaced when the configuration is reloaded.
     pub timing: RwLock<Timing>,
     pub tasks: TaskTracker,
+    /// Token files by session name; replaced when the configuration is
+    /// reloaded.
+    pub token_files: RwLock<HashMap<String, TokenFile>>,
 }
 
 impl Refresher {
@@ -448,10 +464,272 @@ impl Refresher {
         }
     }
 
-    /// Makes `record` the session's current view and plans its next refresh.
+    /// Makes `record` the session's current view and plans its next
+    /// refresh; then writes the token file and tells the watchers about a
+    /// new token or a failure. Callers have stored `record` first.
     fn install(&self, session: &Session, record: SessionRecord) {
         self.plan(session, &record);
+        let old_token = session.record().tokens.access_token.clone();
+        let token_changed =
+            record.tokens.access_token.is_some() && record.tokens.access_token != old_token;
+        let now = now_ms();
+        if matches!(
+            record.state.state,
+            SessionState::NeedsSignIn | SessionState::ClientMisconfigured
+        ) {
+            session.clear_scoped();
+        }
+        if token_changed {
+            self.write_token_file(&record);
+        }
+        let event = watch_event(&record, now);
         session.set_record(record);
+        // A failure is news once: when it starts (the token ran out while
+        // the provider fails, or the session needs a person) or changes.
+        let failure = event.error.as_ref().map(|e| e.code);
+        let mut told = session
+            .told_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let is_new_failure = failure.is_some() && failure != *told;
+        if token_changed || is_new_failure {
+            *told = failure;
+            // No watcher is a fine outcome; a lagging one skips ahead.
+            let _ = session.events.send(event);
+        }
+    }
+
+    /// Writes the session's token to its configured file, if it has one.
+    pub fn write_token_file(&self, record: &SessionRecord) {
+        let Some(token) = &record.tokens.access_token else {
+            return;
+        };
+        let file = self
+            .token_files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&record.name)
+            .cloned();
+        let Some(file) = file else { return };
+        match file.write(token.expose()) {
+            Ok(()) => {
+                tracing::debug!(session = %record.name, file = %file.path.display(), "token file written")
+            }
+            Err(err) => error!(
+                session = %record.name,
+                file = %file.path.display(),
+                error = %err,
+                "cannot write the token file; it keeps the previous token"
+            ),
+        }
+    }
+
+    /// Fetches a down-scoped token for `session` (fewer scopes or another
+    /// audience) with the session's refresh token, into its cache under
+    /// `key`. Runs under the session's gate like any refresh, and a rotated
+    /// refresh token is stored and flushed before the new access token is
+    /// cached.
+    pub async fn refresh_scoped(
+        self: &Arc<Self>,
+        session: Arc<Session>,
+        key: ScopedKey,
+        need: ScopedNeed,
+    ) -> Outcome {
+        let this = self.clone();
+        let span = info_span!("refresh_scoped", session = %session.name);
+        let task = self
+            .tasks
+            .spawn(async move { this.scoped_in_task(&session, &key, need).await }.instrument(span));
+        task.await.unwrap_or_else(|_| {
+            Err(ErrorReply::new(
+                ErrorCode::Internal,
+                "the refresh task failed; see the agent's log",
+            ))
+        })
+    }
+
+    async fn scoped_in_task(
+        &self,
+        session: &Session,
+        key: &ScopedKey,
+        need: ScopedNeed,
+    ) -> Outcome {
+        let _gate = session.gate.lock().await;
+        if session.is_removed() {
+            return Err(no_such_session(&session.name));
+        }
+        // Another caller may have fetched it while we waited.
+        let is_moot = match need {
+            ScopedNeed::Valid { min_valid_ms } => session
+                .scoped_servable(key, now_ms(), min_valid_ms)
+                .is_some(),
+            ScopedNeed::Ahead { obtained_at } => session
+                .scoped(key)
+                .is_some_and(|token| token.obtained_at != obtained_at),
+        };
+        if is_moot {
+            return Ok(());
+        }
+        let pending = session
+            .unsaved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(pending) = pending {
+            // The held answer's refresh token is the live one; write it
+            // before presenting it.
+            self.write_pending(session, pending).await?;
+        }
+
+        let mut record = session.record().clone();
+        match record.state.state {
+            SessionState::NeedsSignIn => return Err(reauth_error(&record)),
+            SessionState::ClientMisconfigured => return Err(misconfigured_error(&record)),
+            _ => {}
+        }
+        let Some(refresh_token) = record.tokens.refresh_token.clone() else {
+            return Err(reauth_error(&record));
+        };
+
+        // The marker goes to disk before the refresh token leaves, as for
+        // any refresh; the session's state and main token stay as they are.
+        let now = now_ms();
+        record.refresh_in_flight = Some(InFlight {
+            generation: record.generation,
+            started_at: now,
+        });
+        if let Err(err) = self.store.save(&record).await {
+            error!(error = %err, "cannot record the refresh as started; not sending it");
+            return Err(store_error(&err));
+        }
+        session.set_record(record.clone());
+
+        let started = std::time::Instant::now();
+        let answered = self
+            .provider
+            .refresh_narrowed(
+                &record.client,
+                &refresh_token,
+                &key.scope,
+                key.audience.as_deref(),
+            )
+            .await;
+        let received = to_ms(answered.received_at);
+        let outcome: Outcome = match answered.answer {
+            Answer::Tokens(answer) => {
+                self.succeed_scoped(session, record, key, answer, received)
+                    .await
+            }
+            Answer::Transient(transient) => {
+                record.refresh_in_flight = None;
+                self.save_or_log(&record).await;
+                self.install(session, record.clone());
+                let mut reply = ErrorReply::new(
+                    ErrorCode::TemporarilyUnavailable,
+                    format!(
+                        "session {}: the provider could not issue the down-scoped token ({})",
+                        record.name, transient.reason
+                    ),
+                );
+                reply.retry_at = transient
+                    .retry_after
+                    .map(|d| (now_ms() + d.as_millis() as u64).div_ceil(1000));
+                Err(reply)
+            }
+            // The request was refused as asked, before the refresh token
+            // was used: the session itself is fine.
+            Answer::NeedsSignIn(provider_error)
+                if matches!(
+                    provider_error.error.as_str(),
+                    "invalid_scope" | "invalid_target"
+                ) =>
+            {
+                record.refresh_in_flight = None;
+                self.save_or_log(&record).await;
+                self.install(session, record.clone());
+                let mut reply = ErrorReply::new(
+                    ErrorCode::ProviderRejected,
+                    format!(
+                        "session {}: the provider refused the down-scoped token ({})",
+                        record.name,
+                        describe(&provider_error)
+                    ),
+                );
+                reply.provider_error = Some(provider_error);
+                Err(reply)
+            }
+            Answer::NeedsSignIn(provider_error) => {
+                self.needs_sign_in(session, record, provider_error).await
+            }
+            Answer::ClientRejected(provider_error) => {
+                self.client_rejected(session, record, provider_error).await
+            }
+        };
+        self.metrics
+            .refreshed(outcome_label(&outcome), started.elapsed());
+        outcome
+    }
+
+    async fn succeed_scoped(
+        &self,
+        session: &Session,
+        mut record: SessionRecord,
+        key: &ScopedKey,
+        answer: TokenAnswer,
+        received: u64,
+    ) -> Outcome {
+        record.refresh_in_flight = None;
+        record.interrupted = false;
+        if let Some(refresh_token) = answer.refresh_token {
+            // Rotated: the session's record takes the new refresh token
+            // exactly as after an ordinary refresh.
+            record.tokens.refresh_token = Some(refresh_token);
+            record.tokens.refresh_expires_at = match answer.refresh_expires_in {
+                Some(secs) if secs > 0 => Some(received + secs as u64 * 1000),
+                _ => None,
+            };
+            record.generation += 1;
+            if let Err(err) = self.store.save(&record).await {
+                error!(
+                    error = %err,
+                    "the provider rotated the refresh token but the store refused it; \
+                     holding it in memory and serving nothing from the answer"
+                );
+                *session.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
+                self.scheduler
+                    .schedule(&session.name, now_ms() + self.timing().backoff_base_ms);
+                return Err(store_error(&err));
+            }
+        } else {
+            self.save_or_log(&record).await;
+        }
+        self.install(session, record.clone());
+
+        if answer.token_type != "bearer" {
+            return Err(ErrorReply::new(
+                ErrorCode::ProviderRejected,
+                "the provider issued a down-scoped token of a type other than Bearer",
+            ));
+        }
+        let lifetime = answer
+            .expires_in
+            .filter(|&s| s > 0)
+            .map(|s| s as u64 * 1000)
+            .or_else(|| jwt_lifetime_ms(answer.access_token.expose()))
+            .unwrap_or(self.timing().default_lifetime_ms);
+        info!(
+            scopes = key.scope.len(),
+            audience = key.audience.is_some(),
+            expires_in_s = lifetime / 1000,
+            "down-scoped token issued"
+        );
+        let token = ScopedToken {
+            access_token: answer.access_token,
+            obtained_at: received,
+            expires_at: received + lifetime,
+        };
+        session.cache_scoped(key.clone(), token);
+        Ok(())
     }
 
     /// Puts the session in the scheduler for its next refresh, or the end
@@ -623,6 +901,23 @@ pub fn reauth_error(record: &SessionRecord) -> ErrorReply {
     reply
 }
 
+pub fn misconfigured_error(record: &SessionRecord) -> ErrorReply {
+    let mut reply = ErrorReply::new(
+        ErrorCode::ClientMisconfigured,
+        format!(
+            "session {}: {}",
+            record.name,
+            record
+                .state
+                .reason
+                .as_deref()
+                .unwrap_or("the client is misconfigured")
+        ),
+    );
+    reply.provider_error = record.state.provider_error.clone();
+    reply
+}
+
 pub fn no_such_session(name: &str) -> ErrorReply {
     ErrorReply::new(
         ErrorCode::NoSuchSession,
@@ -651,6 +946,43 @@ pub fn insufficient_validity(record: &SessionRecord, min_valid_ms: u64) -> Error
             min_valid_ms.div_ceil(1000)
         ),
     )
+}
+
+/// What a watcher is told of `record` now: its token if valid, else why
+/// there is none.
+pub fn watch_event(record: &SessionRecord, now: u64) -> WatchEvent {
+    let token = record
+        .tokens
+        .access_token
+        .as_ref()
+        .filter(|_| record.tokens.access_expires_at > now)
+        .map(|token| TokenReply {
+            access_token: token.clone(),
+            token_type: "Bearer".into(),
+            expires_at: record.tokens.access_expires_at / 1000,
+            scope: Vec::new(),
+            audience: None,
+        });
+    let error = match record.state.state {
+        SessionState::NeedsSignIn => Some(reauth_error(record)),
+        SessionState::ClientMisconfigured => Some(misconfigured_error(record)),
+        SessionState::Retrying if token.is_none() => Some(ErrorReply::new(
+            ErrorCode::TemporarilyUnavailable,
+            format!(
+                "session {}: the provider is failing ({}); the agent retries",
+                record.name,
+                record.state.reason.as_deref().unwrap_or("unknown error")
+            ),
+        )),
+        _ => None,
+    };
+    WatchEvent {
+        name: record.name.clone(),
+        generation: record.generation,
+        state: record.state.state,
+        token,
+        error,
+    }
 }
 
 /// The reply for a token that the caller may have, built once the gate's

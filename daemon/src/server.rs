@@ -16,10 +16,12 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use token_agent_proto::{
-    decode, ErrorCode, ErrorReply, Request, Response, MAX_REQUEST_LEN, MAX_RESPONSE_LEN,
-    PROTOCOL_VERSION,
+    decode, ErrorCode, ErrorReply, Request, Response, WatchEvent, MAX_REQUEST_LEN,
+    MAX_RESPONSE_LEN, PROTOCOL_VERSION,
 };
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::broadcast::error::RecvError;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -199,6 +201,22 @@ async fn handle_connection(stream: UnixStream, agent: Arc<Agent>, shutdown: Canc
                 return;
             }
             Some(Ok(frame)) => match decode::<Request>(&frame) {
+                Ok(Request::Watch { name }) => {
+                    debug!(op = "watch", "request");
+                    match agent.subscribe(&name, &caller) {
+                        Ok((current, events)) => {
+                            let mut watch = Watch {
+                                agent: &agent,
+                                name,
+                                requests: &mut requests,
+                                replies: &mut replies,
+                            };
+                            watch.run(current, events, &shutdown).await;
+                            return;
+                        }
+                        Err(reply) => Response::Error(reply),
+                    }
+                }
                 Ok(request) => {
                     debug!(op = op_name(&request), "request");
                     agent.handle(request, &caller).await
@@ -211,6 +229,103 @@ async fn handle_connection(stream: UnixStream, agent: Arc<Agent>, shutdown: Canc
         if send(&mut replies, &reply).await.is_err() {
             return;
         }
+    }
+}
+
+type Requests = FramedRead<OwnedReadHalf, LengthDelimitedCodec>;
+type Replies = FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>;
+
+/// A connection that became a subscription to one session's changes.
+struct Watch<'a> {
+    agent: &'a Agent,
+    name: String,
+    requests: &'a mut Requests,
+    replies: &'a mut Replies,
+}
+
+impl Watch<'_> {
+    /// Acknowledges, sends the current state, then every change until the
+    /// client closes, the session goes, or the agent stops. Events come
+    /// from a bounded channel: a subscriber that falls behind by more
+    /// than its backlog skips to the current state, and the refresher
+    /// never waits for it.
+    async fn run(
+        &mut self,
+        current: WatchEvent,
+        mut events: tokio::sync::broadcast::Receiver<WatchEvent>,
+        shutdown: &CancellationToken,
+    ) {
+        let ack = Response::Watching {
+            name: self.name.clone(),
+        };
+        if send(self.replies, &ack).await.is_err() {
+            return;
+        }
+        let mut last = None;
+        let mut next = Some(current);
+        loop {
+            if let Some(event) = next.take() {
+                let event = self.guard(event);
+                // The first event may already show a change that is also
+                // queued; each is sent once.
+                if last.as_ref() != Some(&event) {
+                    let is_last = event
+                        .error
+                        .as_ref()
+                        .is_some_and(|e| e.code == ErrorCode::NoSuchSession);
+                    if send(self.replies, &Response::Event(event.clone()))
+                        .await
+                        .is_err()
+                        || is_last
+                    {
+                        return;
+                    }
+                    last = Some(event);
+                }
+            }
+            next = tokio::select! {
+                event = events.recv() => match event {
+                    Ok(event) => Some(event),
+                    Err(RecvError::Lagged(skipped)) => {
+                        debug!(session = %self.name, skipped, "a watcher fell behind; sending the current state");
+                        Some(self.agent.current_event(&self.name).unwrap_or_else(|| removed(&self.name)))
+                    }
+                    Err(RecvError::Closed) => Some(removed(&self.name)),
+                },
+                frame = self.requests.next() => match frame {
+                    // The client closed, or broke the framing.
+                    None | Some(Err(_)) => return,
+                    // Nothing but closing is expected on a subscription.
+                    Some(Ok(_)) => None,
+                },
+                () = shutdown.cancelled() => return,
+            };
+        }
+    }
+
+    /// While the agent is locked, a watcher hears that, not the token.
+    fn guard(&self, mut event: WatchEvent) -> WatchEvent {
+        if event.token.is_some() && self.agent.is_locked() {
+            event.token = None;
+            event.error = Some(ErrorReply::new(
+                ErrorCode::Locked,
+                "the agent is locked; `tokenctl unlock` it to be served tokens again",
+            ));
+        }
+        event
+    }
+}
+
+fn removed(name: &str) -> WatchEvent {
+    WatchEvent {
+        name: name.to_string(),
+        generation: 0,
+        state: token_agent_proto::SessionState::NeedsSignIn,
+        token: None,
+        error: Some(ErrorReply::new(
+            ErrorCode::NoSuchSession,
+            format!("session {name} was removed"),
+        )),
     }
 }
 
@@ -259,10 +374,7 @@ fn frame_error(err: &std::io::Error) -> Response {
     ))
 }
 
-async fn send(
-    replies: &mut FramedWrite<tokio::net::unix::OwnedWriteHalf, LengthDelimitedCodec>,
-    reply: &Response,
-) -> std::io::Result<()> {
+async fn send(replies: &mut Replies, reply: &Response) -> std::io::Result<()> {
     let body = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
     replies.send(Bytes::from(body)).await
 }
@@ -273,6 +385,7 @@ fn op_name(request: &Request) -> &'static str {
         Request::Hello { .. } => "hello",
         Request::Ping => "ping",
         Request::Get { .. } => "get",
+        Request::Watch { .. } => "watch",
         Request::Import(_) => "import",
         Request::Remove { .. } => "remove",
         Request::Logout { .. } => "logout",

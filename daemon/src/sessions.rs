@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use token_agent_proto::{ErrorReply, SessionState, SessionStatus, TokenReply};
+use token_agent_proto::{
+    ErrorCode, ErrorReply, Secret, SessionState, SessionStatus, TokenReply, WatchEvent,
+};
+use tokio::sync::broadcast;
 
 use crate::store::SessionRecord;
 
@@ -28,6 +31,44 @@ pub fn to_ms(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// How many events a watcher may fall behind before it skips to the
+/// current state; see [`Session::events`].
+pub const EVENT_BACKLOG: usize = 64;
+
+/// What a down-scoped token is cached under, beside its session: the
+/// scope set (sorted, without repeats) and the audience.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ScopedKey {
+    pub scope: Vec<String>,
+    pub audience: Option<String>,
+}
+
+impl ScopedKey {
+    pub fn new(mut scope: Vec<String>, audience: Option<String>) -> ScopedKey {
+        scope.retain(|s| !s.is_empty());
+        scope.sort();
+        scope.dedup();
+        ScopedKey {
+            scope,
+            audience: audience.filter(|a| !a.is_empty()),
+        }
+    }
+
+    /// Whether this asks for the session's own token after all.
+    pub fn is_plain(&self) -> bool {
+        self.scope.is_empty() && self.audience.is_none()
+    }
+}
+
+/// A down-scoped access token and its deadlines, Unix milliseconds. Held in
+/// memory only: after a restart the first request fetches it again.
+#[derive(Clone)]
+pub struct ScopedToken {
+    pub access_token: Secret,
+    pub obtained_at: u64,
+    pub expires_at: u64,
 }
 
 /// The outcome of one refresh attempt, kept so that callers who waited for
@@ -49,6 +90,16 @@ pub struct Session {
     pub unsaved: Mutex<Option<SessionRecord>>,
     last_used: AtomicU64,
     removed: AtomicBool,
+    /// Every change a watcher should hear of: a new token, a failure, the
+    /// session's end. A watcher more than [`EVENT_BACKLOG`] events behind
+    /// loses the ones in between and is sent the current state instead;
+    /// the refresher never waits for a watcher.
+    pub events: broadcast::Sender<WatchEvent>,
+    /// The failure the last event told of (none after a token), so a
+    /// failure that goes on through many attempts is told once.
+    pub told_failure: Mutex<Option<ErrorCode>>,
+    /// Down-scoped tokens, apart from the session's own.
+    scoped: Mutex<HashMap<ScopedKey, ScopedToken>>,
 }
 
 impl Session {
@@ -62,7 +113,51 @@ impl Session {
             unsaved: Mutex::new(None),
             last_used: AtomicU64::new(now_ms()),
             removed: AtomicBool::new(false),
+            events: broadcast::channel(EVENT_BACKLOG).0,
+            told_failure: Mutex::new(None),
+            scoped: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The down-scoped token under `key`, if it stays valid for
+    /// `min_valid_ms` more.
+    pub fn scoped_servable(
+        &self,
+        key: &ScopedKey,
+        now: u64,
+        min_valid_ms: u64,
+    ) -> Option<TokenReply> {
+        let cache = self.scoped.lock().unwrap_or_else(|e| e.into_inner());
+        let token = cache.get(key)?;
+        if token.expires_at <= now.saturating_add(min_valid_ms) {
+            return None;
+        }
+        Some(TokenReply {
+            access_token: token.access_token.clone(),
+            token_type: "Bearer".into(),
+            expires_at: token.expires_at / 1000,
+            scope: key.scope.clone(),
+            audience: key.audience.clone(),
+        })
+    }
+
+    /// The cached down-scoped token under `key`, valid or not.
+    pub fn scoped(&self, key: &ScopedKey) -> Option<ScopedToken> {
+        let cache = self.scoped.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(key).cloned()
+    }
+
+    pub fn cache_scoped(&self, key: ScopedKey, token: ScopedToken) {
+        let mut cache = self.scoped.lock().unwrap_or_else(|e| e.into_inner());
+        cache.insert(key, token);
+    }
+
+    /// Drops every down-scoped token: the session's grant is gone.
+    pub fn clear_scoped(&self) {
+        self.scoped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// The current record. Callers clone what they need and let go.
@@ -87,6 +182,8 @@ impl Session {
             access_token: token.clone(),
             token_type: "Bearer".into(),
             expires_at: record.tokens.access_expires_at / 1000,
+            scope: Vec::new(),
+            audience: None,
         })
     }
 
@@ -118,6 +215,21 @@ impl Session {
     /// Marks the session gone; callers hold the gate.
     pub fn mark_removed(&self) {
         self.removed.store(true, Ordering::Release);
+        self.clear_scoped();
+        let (generation, state) = {
+            let record = self.record();
+            (record.generation, record.state.state)
+        };
+        let _ = self.events.send(WatchEvent {
+            name: self.name.to_string(),
+            generation,
+            state,
+            token: None,
+            error: Some(ErrorReply::new(
+                ErrorCode::NoSuchSession,
+                format!("session {} was removed", self.name),
+            )),
+        });
     }
 
     pub fn is_removed(&self) -> bool {

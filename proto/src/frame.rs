@@ -105,6 +105,8 @@ mod tests {
         let request = Request::Get {
             name: "work".into(),
             min_valid_secs: 10,
+            scope: vec![],
+            audience: None,
         };
         let frame = encode_frame(&request, MAX_REQUEST_LEN).unwrap();
         let back: Request = read_frame(&mut frame.as_slice(), MAX_REQUEST_LEN).unwrap();

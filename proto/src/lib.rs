@@ -16,7 +16,12 @@
 //! ```
 //! use token_agent_proto::{decode, encode_frame, Request, MAX_REQUEST_LEN};
 //!
-//! let get = Request::Get { name: "work".into(), min_valid_secs: 30 };
+//! let get = Request::Get {
+//!     name: "work".into(),
+//!     min_valid_secs: 30,
+//!     scope: vec![],
+//!     audience: None,
+//! };
 //! let frame = encode_frame(&get, MAX_REQUEST_LEN).unwrap();
 //! let body = &frame[4..];
 //! let request: Request = decode(body).unwrap();

@@ -20,10 +20,26 @@ pub enum Request {
     Ping,
     /// A current access token for the session, valid for at least
     /// `min_valid_secs` more seconds. Refreshes first if it must.
+    ///
+    /// With `scope` or `audience`, a down-scoped token instead: one for
+    /// fewer scopes (a subset of the session's) or another audience,
+    /// obtained with the session's refresh token and cached apart from the
+    /// session's own token. Absent or empty: the session's own token.
     Get {
         name: String,
         #[serde(default)]
         min_valid_secs: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        scope: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        audience: Option<String>,
+    },
+    /// Turns the connection into a subscription to the session's token:
+    /// answered by [`Response::Watching`], then one [`Response::Event`]
+    /// with the current state and one per change (a new token, a failure,
+    /// the session's removal), until the client closes.
+    Watch {
+        name: String,
     },
     /// Adds a session from a refresh token obtained elsewhere. The agent
     /// refreshes at once, so a bad token or client is reported right away.
@@ -200,7 +216,32 @@ pub enum Response {
     Metrics {
         text: String,
     },
+    /// The acknowledgement of [`Request::Watch`]; events follow.
+    Watching {
+        name: String,
+    },
+    /// A change pushed to a subscriber; see [`WatchEvent`].
+    Event(WatchEvent),
     Error(ErrorReply),
+}
+
+/// What a subscriber is told about its session: a new token, or why there
+/// is none. The first event after [`Response::Watching`] is the current
+/// state; each later one is a change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchEvent {
+    pub name: String,
+    /// Counts the session's successful refreshes; grows with every token.
+    pub generation: u64,
+    pub state: SessionState,
+    /// The current token, when the session has a valid one.
+    #[serde(default)]
+    pub token: Option<TokenReply>,
+    /// Why the session serves no token (`reauth_required`,
+    /// `client_misconfigured`, `temporarily_unavailable`), or that it was
+    /// removed (`no_such_session`, the last event of the subscription).
+    #[serde(default)]
+    pub error: Option<ErrorReply>,
 }
 
 /// An access token ready to use.
@@ -211,6 +252,15 @@ pub struct TokenReply {
     pub token_type: String,
     /// When the token stops being valid, by the agent's clock.
     pub expires_at: u64,
+    /// For a down-scoped token, the scopes it was asked for (sorted,
+    /// without repeats); empty for the session's own token. A client that
+    /// asked for scopes and finds none here talks to an agent that does not
+    /// know down-scoped tokens, and must not use the token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scope: Vec<String>,
+    /// For a down-scoped token, the audience it was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
 }
 
 /// Where a session stands.
@@ -406,6 +456,8 @@ mod tests {
         let json = serde_json::to_value(Request::Get {
             name: "work".into(),
             min_valid_secs: 60,
+            scope: vec![],
+            audience: None,
         })
         .unwrap();
         assert_eq!(
@@ -418,9 +470,47 @@ mod tests {
             minimal,
             Request::Get {
                 name: "w".into(),
-                min_valid_secs: 0
+                min_valid_secs: 0,
+                scope: vec![],
+                audience: None,
             }
         );
+
+        let scoped = serde_json::to_value(Request::Get {
+            name: "w".into(),
+            min_valid_secs: 0,
+            scope: vec!["read".into()],
+            audience: Some("https://api.example".into()),
+        })
+        .unwrap();
+        assert_eq!(
+            scoped,
+            serde_json::json!({"op": "get", "name": "w", "min_valid_secs": 0,
+                "scope": ["read"], "audience": "https://api.example"})
+        );
+    }
+
+    #[test]
+    fn watch_events_have_the_documented_json_shape() {
+        let event = Response::Event(WatchEvent {
+            name: "work".into(),
+            generation: 7,
+            state: SessionState::Fresh,
+            token: Some(TokenReply {
+                access_token: Secret::new("at"),
+                token_type: "Bearer".into(),
+                expires_at: 100,
+                scope: vec![],
+                audience: None,
+            }),
+            error: None,
+        });
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["kind"], "event");
+        assert_eq!(json["generation"], 7);
+        assert_eq!(json["token"]["access_token"], "at");
+        let back: Response = serde_json::from_value(json).unwrap();
+        assert_eq!(back, event);
     }
 
     #[test]

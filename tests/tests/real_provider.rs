@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{wait_until, Provider, Workspace};
+use common::{Provider, Workspace};
 use serde_json::Value;
 use token_agent_client::proto::{ErrorCode, SessionState};
 use token_agent_client::{Client, ClientError};

@@ -130,14 +130,19 @@ impl Provider {
 
     /// Asks the provider whether `token` is active, as client agent-basic.
     pub fn is_active(&self, token: &str) -> bool {
+        self.introspect(token)["active"] == Value::Bool(true)
+    }
+
+    /// The provider's introspection answer for `token` (RFC 7662): `active`,
+    /// `scope`, `aud`, `exp` and so on.
+    pub fn introspect(&self, token: &str) -> Value {
         let body = format!("token={}", form_encode(token));
-        let answer = self.http(
+        self.http(
             "POST",
             "/token/introspection",
             Some(&body),
             &["Authorization: Basic YWdlbnQtYmFzaWM6YmFzaWMtc2VjcmV0"],
-        );
-        answer["active"] == Value::Bool(true)
+        )
     }
 
     /// Presents a refresh token directly, as a stray second holder would.
