@@ -96,10 +96,7 @@ mod linux {
         // SAFETY: timerfd_create has no memory preconditions; the result is
         // checked before it is owned.
         let fd = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_REALTIME,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
+            libc::timerfd_create(libc::CLOCK_REALTIME, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
         };
         if fd < 0 {
             return Err(io::Error::last_os_error());
@@ -107,7 +104,7 @@ mod linux {
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         arm(&fd)?;
-        AsyncFd::new(fd)
+        AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
     }
 
     /// Arms the timer far ahead, to be cancelled by the next clock change.

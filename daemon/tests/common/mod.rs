@@ -450,6 +450,20 @@ pub fn test_timing() -> Timing {
     }
 }
 
+/// The configuration [`Daemon::start`] uses: `dir/agent.sock`,
+/// `dir/store`, a 5 s provider timeout.
+pub fn config(dir: &Path, timing: Timing) -> Config {
+    Config {
+        socket: dir.join("agent.sock"),
+        store_dir: dir.join("store"),
+        file: Default::default(),
+        timing,
+        max_concurrent_refreshes: 16,
+        provider_timeout: Duration::from_secs(5),
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
 /// The real daemon, in-process, on `dir/agent.sock` and `dir/store`.
 pub struct Daemon {
     running: Running,
@@ -458,20 +472,21 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start(dir: &Path, timing: Timing) -> Daemon {
+        Daemon::start_with(config(dir, timing)).await
+    }
+
+    /// Starts on a configuration of the test's own, such as [`config`]
+    /// with a shorter provider timeout.
+    pub async fn start_with(config: Config) -> Daemon {
         init_logging();
-        let socket = dir.join("agent.sock");
-        let running = token_agent::start(Config {
-            socket: socket.clone(),
-            store_dir: dir.join("store"),
-            file: Default::default(),
-            timing,
-            max_concurrent_refreshes: 16,
-            provider_timeout: Duration::from_secs(5),
-            shutdown_grace: Duration::from_secs(5),
-        })
-        .await
-        .expect("the daemon starts");
+        let socket = config.socket.clone();
+        let running = token_agent::start(config).await.expect("the daemon starts");
         Daemon { running, socket }
+    }
+
+    /// The daemon's in-memory state, for checks no request shows.
+    pub fn running(&self) -> &Running {
+        &self.running
     }
 
     pub async fn stop(self) {
