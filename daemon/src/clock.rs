@@ -104,7 +104,10 @@ mod linux {
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         arm(&fd)?;
-        AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
+        // SAFETY: the AsyncFd owns the OwnedFd, whose descriptor stays
+        // open and the same until the AsyncFd is dropped.
+        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(|err| io::Error::other(err.to_string()))
     }
 
     /// Arms the timer far ahead, to be cancelled by the next clock change.
