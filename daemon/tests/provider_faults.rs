@@ -1266,3 +1266,50 @@ async fn a_long_outage_ends_with_every_session_refreshed_within_one_backoff_step
     }
     daemon.stop().await;
 }
+
+/// A token that lapses while the provider fails: no `get` after its
+/// wall-clock expiry is served it, however the timers stand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn get_never_serves_a_token_past_its_wall_clock_expiry() {
+    let fake = FakeIdp::start().await;
+    let dir = tempdir();
+    let daemon = Daemon::start(dir.path(), test_timing()).await;
+    let mut import = adopted("s1", &fake);
+    import.expires_in = Some(1);
+    import.idle_timeout_secs = Some(0);
+    daemon.import(import).await.unwrap();
+    let imported = Instant::now();
+    for _ in 0..50 {
+        fake.then(Reply::oauth_error(503, "temporarily_unavailable", None));
+    }
+
+    let mut served = 0;
+    let mut refused = 0;
+    while imported.elapsed() < Duration::from_millis(2_500) {
+        let asked = Instant::now();
+        match daemon.get("s1").await {
+            Ok(token) => {
+                assert!(
+                    asked < imported + SECOND,
+                    "served a token {:?} after its expiry",
+                    asked - (imported + SECOND)
+                );
+                assert_eq!(token.access_token.expose(), "at-0");
+                served += 1;
+            }
+            Err(err) => {
+                assert_eq!(
+                    agent_error::<()>(Err(err)).code,
+                    ErrorCode::TemporarilyUnavailable
+                );
+                refused += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        served > 0 && refused > 0,
+        "served {served}, refused {refused}"
+    );
+    daemon.stop().await;
+}
