@@ -78,9 +78,12 @@ async fn a_store_with_sessions(fake: &FakeIdp) -> tempfile::TempDir {
     dir
 }
 
+/// A named way to damage a store folder.
+type Damage = (String, Box<dyn Fn(&Path)>);
+
 /// Ways a store's files get damaged: a torn copy, a disk error, an editor.
-fn damages(store: &Path) -> Vec<(String, Box<dyn Fn(&Path)>)> {
-    let mut cases: Vec<(String, Box<dyn Fn(&Path)>)> = Vec::new();
+fn damages(store: &Path) -> Vec<Damage> {
+    let mut cases: Vec<Damage> = Vec::new();
     for file in files_under(store) {
         let rel = file.strip_prefix(store).unwrap().to_path_buf();
         let name = rel.display().to_string();

@@ -78,7 +78,7 @@ fn sigkill_at_random_moments_loses_no_session_silently_and_replays_nothing() {
     }
     provider.reset_stats();
 
-    let mut rng = XorShift(0xc0ffee_d00d_2026);
+    let mut rng = XorShift(0x00c0_ffee_d00d_2026);
     let mut figures = Figures::default();
     let started = Instant::now();
     for kill in 0..kills {
@@ -134,7 +134,10 @@ fn sigkill_at_random_moments_loses_no_session_silently_and_replays_nothing() {
         replays >= figures.lost_and_reported,
         "a loss was reported without the provider seeing a replay"
     );
-    assert!(figures.kills_with_a_refresh_in_flight > 0, "no kill hit a refresh in flight");
+    assert!(
+        figures.kills_with_a_refresh_in_flight > 0,
+        "no kill hit a refresh in flight"
+    );
 }
 
 /// How many sessions the stopped agent left with an in-flight marker.
