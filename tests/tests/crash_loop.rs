@@ -9,7 +9,8 @@
 //!   cargo test -p token-agent-e2e --test crash_loop -- --ignored --nocapture
 //! ```
 //!
-//! `TOKEN_AGENT_CRASH_KILLS` sets the number of kills (default 100).
+//! `TOKEN_AGENT_CRASH_KILLS` sets the number of kills (default 100),
+//! `TOKEN_AGENT_CRASH_DELAY_MS` the provider's answer delay (default 150).
 //!
 //! What may happen, by the design (DESIGN.md): a kill after the provider
 //! rotated a token and before the agent stored the answer loses that
@@ -70,7 +71,11 @@ fn sigkill_at_random_moments_loses_no_session_silently_and_replays_nothing() {
     let provider = Provider::start(2);
     // Widens the moment between the provider's rotation and the agent's
     // receipt, where a kill loses the rotation.
-    provider.set_token_delay(Duration::from_millis(150));
+    let delay_ms = std::env::var("TOKEN_AGENT_CRASH_DELAY_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(150);
+    provider.set_token_delay(Duration::from_millis(delay_ms));
     let ws = Workspace::new();
     let mut agent = ws.start_agent(&AGENT_FLAGS);
     for name in SESSIONS {
