@@ -9,7 +9,8 @@
 //! - [`sessions`]: the in-memory view of every session;
 //! - [`peer`]: who is connecting, and what they may take;
 //! - [`schedule`] and [`scheduler`]: when each session is due, and the one
-//!   timer structure that wakes the refresher;
+//!   timer structure that wakes the refresher; [`clock`]: its clocks and
+//!   the signal that the wall clock jumped;
 //! - [`refresh`]: one refresh through its steps, keeping the invariants;
 //! - [`agent`]: what each request does;
 //! - [`server`]: the socket, framing and per-connection handling;
@@ -22,6 +23,7 @@
 //! The binary is a thin `main` over [`start`].
 
 pub mod agent;
+pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod oauth;

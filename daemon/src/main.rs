@@ -16,6 +16,7 @@ fn main() -> ExitCode {
     // SAFETY: umask has no preconditions and cannot fail.
     unsafe { libc::umask(0o077) };
     harden();
+    raise_fd_limit();
 
     let args = Args::parse();
     if args.kill {
@@ -114,6 +115,24 @@ fn harden() {
     };
     if core != 0 || dumpable != 0 {
         eprintln!("token-agent: warning: cannot disable core dumps or ptrace attach");
+    }
+}
+
+/// Lifts the soft limit on open files to the hard one: every client
+/// connection costs a descriptor, and the usual soft limit of 1,024 would
+/// let a burst of clients lock out the rest.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on this process with a valid rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }
 

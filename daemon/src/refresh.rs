@@ -797,9 +797,18 @@ fn still_needed(session: &Session, trigger: Trigger) -> bool {
         Trigger::Forced => true,
         Trigger::Demand { min_valid_ms } => session.servable(now, min_valid_ms).is_none(),
         // A refresh on demand may have moved the plan since this entry was
-        // taken from the queue.
-        Trigger::Scheduled => !session.is_stuck() && session.is_due(now),
+        // taken from the queue. An answer the store refused is written
+        // whatever the plan says.
+        Trigger::Scheduled => has_unsaved(session) || (!session.is_stuck() && session.is_due(now)),
     }
+}
+
+fn has_unsaved(session: &Session) -> bool {
+    session
+        .unsaved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some()
 }
 
 /// Fills in tokens and deadlines from a successful answer received at

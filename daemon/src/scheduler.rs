@@ -3,10 +3,14 @@
 //! session's time is O(log n), and nothing polls the sessions: 100,000 idle
 //! sessions cost one sleeping task.
 //!
-//! Due times are wall-clock milliseconds. The loop never sleeps longer than
-//! [`MAX_SLEEP`], so after a suspend or a clock step it notices within that
-//! long; serving never relies on the scheduler anyway, since every `get`
-//! checks the expiry itself.
+//! Due times are wall-clock milliseconds, but tokio's timers run on the
+//! monotonic clock, which stands still while the machine is suspended. So
+//! the loop also wakes when the wall clock jumps (a resume, or a clock
+//! step; see [`crate::clock`]), compares how far each clock moved since its
+//! last look, and on a jump takes every entry that is now due at once. It
+//! never sleeps longer than [`MAX_SLEEP`] either, as a fallback where the
+//! jump signal is unavailable. Serving never relies on the scheduler anyway:
+//! every `get` checks the expiry itself.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -14,11 +18,15 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
-use crate::sessions::now_ms;
+use crate::clock::{Clock, SystemClock};
 
 /// Longest sleep between looks at the wall clock.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+/// A difference between wall and monotonic progress above this is a jump.
+const JUMP_THRESHOLD_MS: i64 = 2_000;
 
 #[derive(Default)]
 struct Queue {
@@ -30,6 +38,7 @@ struct Queue {
 pub struct Scheduler {
     queue: Mutex<Queue>,
     changed: Notify,
+    jumps: std::sync::atomic::AtomicU64,
 }
 
 impl Scheduler {
@@ -96,9 +105,36 @@ impl Scheduler {
     where
         F: Fn(Arc<str>, tokio::sync::OwnedSemaphorePermit),
     {
+        self.run_with_clock(&SystemClock::new(), limit, shutdown, start)
+            .await
+    }
+
+    /// [`Scheduler::run`] on the given clock; tests pass one they control.
+    pub async fn run_with_clock<F>(
+        self: Arc<Self>,
+        clock: &dyn Clock,
+        limit: usize,
+        shutdown: CancellationToken,
+        start: F,
+    ) where
+        F: Fn(Arc<str>, tokio::sync::OwnedSemaphorePermit),
+    {
         let permits = Arc::new(Semaphore::new(limit));
+        let mut last_look = (clock.wall_ms(), clock.mono_ms());
         loop {
-            for name in self.take_due(now_ms()) {
+            let look = (clock.wall_ms(), clock.mono_ms());
+            if let Some(jump_ms) = jump(last_look, look) {
+                self.jumps
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                info!(
+                    jump_s = jump_ms / 1000,
+                    "the wall clock jumped (a resume from suspend, or a clock step); \
+                     re-checking every due time"
+                );
+            }
+            last_look = look;
+
+            for name in self.take_due(look.0) {
                 let permit = tokio::select! {
                     permit = permits.clone().acquire_owned() => permit.expect("never closed"),
                     () = shutdown.cancelled() => return,
@@ -107,21 +143,40 @@ impl Scheduler {
             }
 
             let wait = match self.next_due() {
-                Some(at) => Duration::from_millis(at.saturating_sub(now_ms())).min(MAX_SLEEP),
+                Some(at) => {
+                    Duration::from_millis(at.saturating_sub(clock.wall_ms())).min(MAX_SLEEP)
+                }
                 None => MAX_SLEEP,
             };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = self.changed.notified() => {}
+                () = clock.jumped() => {}
                 () = shutdown.cancelled() => return,
             }
         }
     }
+
+    /// How many clock jumps the loop has seen.
+    pub fn jumps_seen(&self) -> u64 {
+        self.jumps.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The wall clock's lead over the monotonic clock between two looks, when
+/// it is large enough to be a jump rather than drift. Forward jumps (a
+/// resume, a step ahead) and backward steps both count.
+fn jump(before: (u64, u64), after: (u64, u64)) -> Option<i64> {
+    let wall = after.0 as i64 - before.0 as i64;
+    let mono = after.1 as i64 - before.1 as i64;
+    let lead = wall - mono;
+    (lead.abs() > JUMP_THRESHOLD_MS).then_some(lead)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sessions::now_ms;
 
     fn name(s: &str) -> Arc<str> {
         Arc::from(s)
@@ -193,5 +248,58 @@ mod tests {
 
         shutdown.cancel();
         run.await.unwrap();
+    }
+
+    /// A laptop sleeps for an hour through a session's due time. tokio's
+    /// timer (monotonic) has not moved, but on wake the session is started
+    /// at once, not when the timer would have fired.
+    #[tokio::test]
+    async fn a_due_time_passed_in_suspend_is_noticed_at_once_on_wake() {
+        use crate::clock::tests::ManualClock;
+
+        let start_ms = 1_800_000_000_000;
+        let clock = Arc::new(ManualClock::at(start_ms));
+        let scheduler = Arc::new(Scheduler::default());
+        // Due in ten minutes; the loop sleeps its longest, 30 s.
+        scheduler.schedule(&name("laptop"), start_ms + 600_000);
+
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn({
+            let (scheduler, clock, started) = (scheduler.clone(), clock.clone(), started.clone());
+            let shutdown = shutdown.clone();
+            async move {
+                scheduler
+                    .run_with_clock(&*clock, 4, shutdown, move |name, _permit| {
+                        started.lock().unwrap().push(name)
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(started.lock().unwrap().is_empty(), "started before due");
+
+        let woke = std::time::Instant::now();
+        clock.suspend(3_600_000);
+        while started.lock().unwrap().is_empty() {
+            assert!(
+                woke.elapsed() < Duration::from_secs(2),
+                "the due session waited for the monotonic timer"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(scheduler.jumps_seen(), 1);
+        assert_eq!(started.lock().unwrap().len(), 1);
+
+        shutdown.cancel();
+        run.await.unwrap();
+    }
+
+    #[test]
+    fn only_a_gap_between_the_clocks_is_a_jump() {
+        assert_eq!(jump((0, 0), (30_000, 30_000)), None);
+        assert_eq!(jump((0, 0), (31_000, 30_000)), None);
+        assert_eq!(jump((0, 0), (3_630_000, 30_000)), Some(3_600_000));
+        assert_eq!(jump((100_000, 0), (40_000, 30_000)), Some(-90_000));
     }
 }

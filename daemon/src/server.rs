@@ -3,8 +3,9 @@
 //! [`Agent`].
 //!
 //! A connection that sends garbage gets an error reply; one that sends an
-//! oversized frame or no hello gets an error and is closed. Neither affects
-//! any other connection.
+//! oversized frame or no hello gets an error and is closed; one that says
+//! nothing for 10 s, or leaves a reply unread for 10 s, is closed. None of
+//! them affects any other connection.
 
 use std::io::ErrorKind;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -32,6 +33,11 @@ use crate::peer::Caller;
 
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a reply may wait for the client to read it. A client that
+/// sends requests and never reads would otherwise hold its connection (and
+/// its task and descriptor) for good.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds the socket at `path`: its folder owner-only, the socket 0600, a
 /// stale socket from a dead agent replaced, a live agent left alone.
@@ -376,7 +382,13 @@ fn frame_error(err: &std::io::Error) -> Response {
 
 async fn send(replies: &mut Replies, reply: &Response) -> std::io::Result<()> {
     let body = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
-    replies.send(Bytes::from(body)).await
+    match tokio::time::timeout(SEND_TIMEOUT, replies.send(Bytes::from(body))).await {
+        Ok(sent) => sent,
+        Err(_) => {
+            debug!("the client has not read its replies for {SEND_TIMEOUT:?}; closing");
+            Err(std::io::ErrorKind::TimedOut.into())
+        }
+    }
 }
 
 /// The request's kind, for the debug log; never its contents.

@@ -328,3 +328,28 @@ impl Sessions {
         self.by_name.write().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use token_agent_proto::Secret;
+
+    /// Whatever the timers did, serving compares the wall-clock expiry with
+    /// the time of the `get`: a token is never served at or past it.
+    #[test]
+    fn a_token_is_never_served_at_or_past_its_wall_clock_expiry() {
+        let mut record = crate::store::tests::record("s1");
+        record.tokens.access_token = Some(Secret::new("at"));
+        record.tokens.access_expires_at = 1_000_000;
+        let session = Session::new(record);
+
+        assert!(session.servable(999_999, 0).is_some());
+        assert!(session.servable(1_000_000, 0).is_none());
+        assert!(session.servable(1_000_001, 0).is_none());
+        // After a suspend of an hour the timer has not fired; still refused.
+        assert!(session.servable(1_000_000 + 3_600_000, 0).is_none());
+        // The caller's minimum validity counts too.
+        assert!(session.servable(990_000, 10_000).is_none());
+        assert!(session.servable(989_999, 10_000).is_some());
+    }
+}

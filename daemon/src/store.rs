@@ -10,6 +10,14 @@
 //! A sealed `key-check` file, written when the store is created, tells a
 //! wrong key apart from a damaged record before sled opens (and writes).
 //!
+//! A sealed `sessions.index` lists the names of the sessions the store
+//! holds. sled opens a database whose files were truncated as an empty one;
+//! without the index such a store would start with its sessions gone and
+//! nothing said. The index is written after a new record and before a
+//! removal, so a crash can only leave the database holding more than the
+//! index, never less, and a name in the index that the database lacks means
+//! damage: the daemon refuses to start and touches nothing.
+//!
 //! The folder also holds `lock`, which carries an exclusive `flock` for as
 //! long as the agent runs. The kernel drops it when the process dies, so a
 //! crash leaves nothing stale, and a second agent on the same store fails at
@@ -33,6 +41,9 @@ const LAYOUT_VERSION: &[u8] = b"1";
 
 const KEY_CHECK_CONTEXT: &[u8] = b"token-agent store key check";
 
+const INDEX_CONTEXT: &[u8] = b"token-agent session index";
+const INDEX_FILE: &str = "sessions.index";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the store at {path} is in use by another token-agent (pid {pid})")]
@@ -55,6 +66,27 @@ pub enum StoreError {
     BadRecord { name: String, detail: String },
     #[error("store write failed: {0}")]
     Write(#[source] sled::Error),
+    #[error("cannot write the session index {path}: {source}")]
+    WriteIndex {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the store at {path} is damaged: its session index names {missing} session(s) \
+         the database does not hold ({names}); it was left untouched. Restore the store \
+         folder from a backup, or move it away to start empty"
+    )]
+    MissingSessions {
+        path: PathBuf,
+        missing: usize,
+        names: String,
+    },
+    #[error(
+        "the store at {path} is damaged: its session index does not open; it was left \
+         untouched. Restore the store folder from a backup, or move it away to start empty"
+    )]
+    DamagedIndex { path: PathBuf },
     #[error(transparent)]
     Key(#[from] SealError),
     #[error(
@@ -63,7 +95,8 @@ pub enum StoreError {
     )]
     MissingKey { path: PathBuf },
     #[error(
-        "the store at {path} was written with another key than the {source_name}; \
+        "the store at {path} was written with another key than the {source_name}, or its \
+         key-check file is damaged; \
          nothing was changed. Start with the key it was written with"
     )]
     WrongKey { path: PathBuf, source_name: String },
@@ -145,9 +178,15 @@ pub struct StateRecord {
 
 pub struct Store {
     path: PathBuf,
-    sessions: sled::Tree,
     sealer: Sealer,
-    db: sled::Db,
+    /// sled and its sessions tree. After a failed write sled keeps failing
+    /// every later one (it remembers the error), so the store reopens it:
+    /// a full disk that gets room again takes writes again without a
+    /// restart. `None` while a reopen has not succeeded yet.
+    sled: std::sync::RwLock<Option<(sled::Db, sled::Tree)>>,
+    /// The names in `sessions.index`; `None` until the first load of a
+    /// store that has none yet (new, or from an earlier version).
+    index: std::sync::Mutex<Option<std::collections::BTreeSet<String>>>,
     // Held, never read: the flock lives as long as this file is open.
     _lock: File,
 }
@@ -170,27 +209,19 @@ impl Store {
         // The key is proven before sled opens: opening writes to its files.
         let db_path = dir.join("sled");
         let sealer = unlock(dir, key_file, db_path.exists())?;
+        // Read before sled opens, so a damaged index is refused untouched.
+        let index = read_index(dir, &sealer)?;
 
-        let db = sled::Config::new()
-            .path(&db_path)
-            // Our own flushes decide durability; the timer only adds work.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StoreError::Damaged {
-                path: db_path.clone(),
-                source,
-            })?;
-        let damaged = |source| StoreError::Damaged {
-            path: db_path.clone(),
-            source,
-        };
-        let sessions = db.open_tree("sessions").map_err(damaged)?;
+        if db_path.exists() {
+            verify_on_a_copy(dir, &db_path, &sealer, index.as_ref())?;
+        }
+        let opened = open_sled(&db_path)?;
 
         Ok(Store {
             path: dir.to_path_buf(),
-            sessions,
             sealer,
-            db,
+            sled: std::sync::RwLock::new(Some(opened)),
+            index: std::sync::Mutex::new(index),
             _lock: lock,
         })
     }
@@ -207,27 +238,37 @@ impl Store {
     /// Every record in the store. A record that does not parse fails the
     /// whole load: starting without it would drop a session silently.
     pub fn load_all(&self) -> Result<Vec<SessionRecord>, StoreError> {
-        let mut records = Vec::with_capacity(self.sessions.len());
-        for entry in self.sessions.iter() {
-            let (key, value) = entry.map_err(|source| StoreError::Damaged {
-                path: self.path.clone(),
-                source,
-            })?;
-            let name = String::from_utf8_lossy(&key).into_owned();
-            let plain = self
-                .sealer
-                .open(&key, &value)
-                .map_err(|err| StoreError::BadRecord {
-                    name: name.clone(),
-                    detail: err.to_string(),
-                })?;
-            let record = serde_json::from_slice(&plain).map_err(|err| StoreError::BadRecord {
-                name,
-                detail: err.to_string(),
-            })?;
-            records.push(record);
-        }
+        let (_db, tree) = self.sled()?;
+        let records = read_records(&tree, &self.sealer, &self.path)?;
+        self.check_index(&records)?;
         Ok(records)
+    }
+
+    /// Refuses a database that lacks a session the index names; writes the
+    /// index when the store has none yet.
+    fn check_index(&self, records: &[SessionRecord]) -> Result<(), StoreError> {
+        let held: std::collections::BTreeSet<String> =
+            records.iter().map(|r| r.name.clone()).collect();
+        let mut index = self.index();
+        match &*index {
+            Some(names) => {
+                missing_from(&self.path, names, records)?;
+                if held.len() > names.len() {
+                    // A crash between a new record and its index entry.
+                    write_index(&self.path, &self.sealer, &held)?;
+                    *index = Some(held);
+                }
+            }
+            None => {
+                write_index(&self.path, &self.sealer, &held)?;
+                *index = Some(held);
+            }
+        }
+        Ok(())
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Option<std::collections::BTreeSet<String>>> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Writes a record and returns once it is on disk.
@@ -240,23 +281,90 @@ impl Store {
                 })?,
             );
         let sealed = self.sealer.seal(record.name.as_bytes(), &plain);
-        self.sessions
-            .insert(record.name.as_bytes(), sealed)
-            .map_err(StoreError::Write)?;
-        self.flush().await
+        let (db, tree) = self.sled()?;
+        let written = match tree.insert(record.name.as_bytes(), sealed) {
+            Ok(_) => db.flush_async().await.map(drop),
+            Err(err) => Err(err),
+        };
+        drop((db, tree));
+        if let Err(err) = written {
+            self.reopen_after_failure();
+            return Err(StoreError::Write(err));
+        }
+
+        // The record first, then its index entry: see the module docs.
+        let mut index = self.index();
+        let names = index.get_or_insert_with(Default::default);
+        if !names.contains(&record.name) {
+            let mut with = names.clone();
+            with.insert(record.name.clone());
+            write_index(&self.path, &self.sealer, &with)?;
+            *names = with;
+        }
+        Ok(())
     }
 
     /// Deletes a record and returns once that is on disk.
     pub async fn remove(&self, name: &str) -> Result<(), StoreError> {
-        self.sessions
-            .remove(name.as_bytes())
-            .map_err(StoreError::Write)?;
-        self.flush().await
+        {
+            // The index entry first, then the record: see the module docs.
+            let mut index = self.index();
+            if let Some(names) = index.as_mut().filter(|names| names.contains(name)) {
+                let mut without = names.clone();
+                without.remove(name);
+                write_index(&self.path, &self.sealer, &without)?;
+                *names = without;
+            }
+        }
+        let (db, tree) = self.sled()?;
+        let written = match tree.remove(name.as_bytes()) {
+            Ok(_) => db.flush_async().await.map(drop),
+            Err(err) => Err(err),
+        };
+        drop((db, tree));
+        if let Err(err) = written {
+            self.reopen_after_failure();
+            return Err(StoreError::Write(err));
+        }
+        Ok(())
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map_err(StoreError::Write)?;
+        let (db, _tree) = self.sled()?;
+        db.flush_async().await.map_err(StoreError::Write)?;
         Ok(())
+    }
+
+    /// The open database, reopening it if a failure closed it.
+    fn sled(&self) -> Result<(sled::Db, sled::Tree), StoreError> {
+        if let Some(open) = &*self.sled.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(open.clone());
+        }
+        let mut slot = self.sled.write().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(open_sled(&self.path.join("sled"))?);
+        }
+        Ok(slot.clone().expect("just opened"))
+    }
+
+    /// Closes sled after a failed write, so the next write reopens it and
+    /// finds out afresh whether the disk takes writes. sled recovers its
+    /// log up to the last complete write; what failed was never
+    /// acknowledged. A write still in progress elsewhere keeps the old
+    /// database open a moment longer; the reopen then waits for a later
+    /// call.
+    fn reopen_after_failure(&self) {
+        let old = self.sled.write().unwrap_or_else(|e| e.into_inner()).take();
+        drop(old);
+        let mut slot = self.sled.write().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            match open_sled(&self.path.join("sled")) {
+                Ok(open) => *slot = Some(open),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot reopen the store yet; the next write tries again")
+                }
+            }
+        }
     }
 }
 
@@ -349,6 +457,168 @@ fn unlock(dir: &Path, key_file: Option<&Path>, has_data: bool) -> Result<Sealer,
         }
     }
     Ok(sealer)
+}
+
+/// Opens sled and its sessions tree.
+fn open_sled(db_path: &Path) -> Result<(sled::Db, sled::Tree), StoreError> {
+    let damaged = |source| StoreError::Damaged {
+        path: db_path.to_path_buf(),
+        source,
+    };
+    let db = sled::Config::new()
+        .path(db_path)
+        // Our own flushes decide durability; the timer only adds work.
+        .flush_every_ms(None)
+        .open()
+        .map_err(damaged)?;
+    let sessions = db.open_tree("sessions").map_err(damaged)?;
+    Ok((db, sessions))
+}
+
+fn read_records(
+    tree: &sled::Tree,
+    sealer: &Sealer,
+    path: &Path,
+) -> Result<Vec<SessionRecord>, StoreError> {
+    let mut records = Vec::with_capacity(tree.len());
+    for entry in tree.iter() {
+        let (key, value) = entry.map_err(|source| StoreError::Damaged {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let name = String::from_utf8_lossy(&key).into_owned();
+        let plain = sealer
+            .open(&key, &value)
+            .map_err(|err| StoreError::BadRecord {
+                name: name.clone(),
+                detail: err.to_string(),
+            })?;
+        let record = serde_json::from_slice(&plain).map_err(|err| StoreError::BadRecord {
+            name,
+            detail: err.to_string(),
+        })?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// sled repairs what it can when it opens, writing to its files as it
+/// goes: a truncated database file is reopened as an empty database. So the
+/// database is first opened from a copy, and its records and index checked
+/// there; a damaged store is refused before sled touches the real files.
+/// When the copy cannot be made (a full disk), the check is skipped with a
+/// warning and the index check at load time still catches lost sessions.
+fn verify_on_a_copy(
+    dir: &Path,
+    db_path: &Path,
+    sealer: &Sealer,
+    index: Option<&std::collections::BTreeSet<String>>,
+) -> Result<(), StoreError> {
+    let copy = dir.join("sled.verify");
+    let _ = fs::remove_dir_all(&copy);
+    if let Err(err) = copy_dir(db_path, &copy) {
+        let _ = fs::remove_dir_all(&copy);
+        tracing::warn!(error = %err, "cannot copy the store to check it before opening; opening it directly");
+        return Ok(());
+    }
+    let checked = (|| {
+        let (_db, tree) = open_sled(&copy).map_err(|err| match err {
+            StoreError::Damaged { source, .. } => StoreError::Damaged {
+                path: db_path.to_path_buf(),
+                source,
+            },
+            other => other,
+        })?;
+        let records = read_records(&tree, sealer, dir)?;
+        if let Some(names) = index {
+            missing_from(dir, names, &records)?;
+        }
+        Ok(())
+    })();
+    let _ = fs::remove_dir_all(&copy);
+    checked
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new().mode(0o700).create(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses records that lack a name the index holds.
+fn missing_from(
+    dir: &Path,
+    names: &std::collections::BTreeSet<String>,
+    records: &[SessionRecord],
+) -> Result<(), StoreError> {
+    let held: std::collections::BTreeSet<&String> = records.iter().map(|r| &r.name).collect();
+    let missing: Vec<&str> = names
+        .iter()
+        .filter(|n| !held.contains(n))
+        .map(|n| n.as_str())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::MissingSessions {
+        path: dir.to_path_buf(),
+        missing: missing.len(),
+        names: missing.join(", "),
+    })
+}
+
+/// The names in the sealed session index, `None` if there is no index.
+fn read_index(
+    dir: &Path,
+    sealer: &Sealer,
+) -> Result<Option<std::collections::BTreeSet<String>>, StoreError> {
+    let path = dir.join(INDEX_FILE);
+    let sealed = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StoreError::Open { path, source }),
+    };
+    let damaged = || StoreError::DamagedIndex {
+        path: dir.to_path_buf(),
+    };
+    let plain = sealer.open(INDEX_CONTEXT, &sealed).map_err(|_| damaged())?;
+    serde_json::from_slice(&plain)
+        .map_err(|_| damaged())
+        .map(Some)
+}
+
+/// Replaces the session index in one step: a new file, flushed, renamed
+/// over the old one, and the folder flushed.
+fn write_index(
+    dir: &Path,
+    sealer: &Sealer,
+    names: &std::collections::BTreeSet<String>,
+) -> Result<(), StoreError> {
+    let path = dir.join(INDEX_FILE);
+    let temporary = dir.join(format!("{INDEX_FILE}.new"));
+    let plain = serde_json::to_vec(names).expect("a set of strings serialises");
+    let sealed = sealer.seal(INDEX_CONTEXT, &plain);
+    let write = || -> std::io::Result<()> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.write_all(&sealed)?;
+        file.sync_all()?;
+        fs::rename(&temporary, &path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|source| StoreError::WriteIndex { path, source })
 }
 
 /// Records the layout version in a new store and refuses a newer one.

@@ -736,3 +736,580 @@ async fn rejected_client_flags_every_session_of_that_client() {
     assert_eq!(fake.post_count(), 3);
     daemon.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// The rest of the provider's repertoire (RELIABILITY.md)
+// ---------------------------------------------------------------------------
+
+/// An import that hands over a valid access token (`at-0`, 300 s), so the
+/// session exists without asking the provider; its own client id keeps an
+/// `invalid_client` from flagging the other sessions.
+fn adopted(name: &str, fake: &FakeIdp) -> token_agent_client::proto::ImportSession {
+    let mut import = session(name, fake, &format!("{name}-rt-0"));
+    import.client_id = format!("cli-{name}");
+    import.access_token = Some(token_agent_client::proto::Secret::new("at-0"));
+    import.expires_in = Some(300);
+    import
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Outcome {
+    /// Retried with backoff; the valid token keeps being served.
+    Retry,
+    /// Stopped: the refresh token is dead.
+    SignIn,
+    /// Stopped: the client is refused; the refresh token is kept.
+    Client,
+}
+
+/// Every failing answer on the list gets its outcome: a retry with the
+/// valid token still served and the same refresh token presented next, or
+/// a stop with a clear reason and no further request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_failing_answer_gets_its_outcome() {
+    let fake = FakeIdp::start().await;
+    let dir = tempdir();
+    let daemon = Daemon::start(dir.path(), test_timing()).await;
+    let html = |status: u16, title: &str| {
+        Reply::raw(
+            status,
+            Some("text/html; charset=utf-8"),
+            &format!("<!DOCTYPE html><html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>"),
+        )
+    };
+    let cases = [
+        (
+            "html-500",
+            html(500, "500 Internal Server Error"),
+            Outcome::Retry,
+        ),
+        ("html-502", html(502, "502 Bad Gateway"), Outcome::Retry),
+        (
+            "html-503",
+            html(503, "503 Service Unavailable"),
+            Outcome::Retry,
+        ),
+        (
+            "not-json",
+            Reply::raw(200, Some("application/json"), "<<<not json>>>"),
+            Outcome::Retry,
+        ),
+        (
+            "no-access-token",
+            Reply::json(
+                200,
+                json!({"token_type": "Bearer", "refresh_token": "x-rt", "expires_in": 300}),
+            ),
+            Outcome::Retry,
+        ),
+        (
+            "invalid-grant",
+            Reply::oauth_error(400, "invalid_grant", Some("Token is not active")),
+            Outcome::SignIn,
+        ),
+        (
+            "extra-fields",
+            Reply::json(
+                400,
+                json!({
+                    "error": "invalid_grant",
+                    "error_description": "Stale token",
+                    "error_uri": "https://idp.example/errors/stale",
+                    "trace_id": "4a1c0e", "correlation_id": "8f2d", "timestamp": "2026-01-01 00:00:00Z",
+                    "error_codes": [70008], "details": {"nested": [1, 2, 3]},
+                }),
+            ),
+            Outcome::SignIn,
+        ),
+        (
+            "invalid-client",
+            Reply::oauth_error(401, "invalid_client", Some("bad secret")),
+            Outcome::Client,
+        ),
+        (
+            "unauthorized-client",
+            Reply::oauth_error(400, "unauthorized_client", None),
+            Outcome::Client,
+        ),
+        (
+            "client-extra-fields",
+            Reply::json(
+                401,
+                json!({"error": "invalid_client", "error_description": "x", "foo": {"bar": null}}),
+            ),
+            Outcome::Client,
+        ),
+    ];
+    for (name, ..) in &cases {
+        daemon.import(adopted(name, &fake)).await.expect("adopt");
+    }
+
+    for (name, answer, expected) in cases {
+        fake.then(answer);
+        let reply = agent_error(daemon.refresh(name).await);
+        let status = daemon.status(name).await;
+        let posts = fake.post_count();
+        match expected {
+            Outcome::Retry => {
+                assert_eq!(
+                    reply.code,
+                    ErrorCode::TemporarilyUnavailable,
+                    "{name}: {}",
+                    reply.message
+                );
+                assert!(reply.retry_at.is_some(), "{name}: no retry time");
+                assert_eq!(status.state, SessionState::Retrying, "{name}");
+                assert!(status.next_refresh_at.is_some(), "{name}: not retried");
+                assert_eq!(
+                    daemon.token(name).await,
+                    "at-0",
+                    "{name}: valid token not served"
+                );
+                // The retry presents the same refresh token.
+                fake.then(Reply::tokens(
+                    "at-1",
+                    Some(&format!("{name}-rt-1")),
+                    Some(300),
+                ));
+                daemon.refresh(name).await.expect("the retry succeeds");
+                assert_eq!(
+                    fake.presented().last().unwrap(),
+                    &format!("{name}-rt-0"),
+                    "{name}"
+                );
+                assert_eq!(
+                    daemon.status(name).await.state,
+                    SessionState::Fresh,
+                    "{name}"
+                );
+            }
+            Outcome::SignIn => {
+                assert_eq!(
+                    reply.code,
+                    ErrorCode::ReauthRequired,
+                    "{name}: {}",
+                    reply.message
+                );
+                assert_eq!(
+                    reply.provider_error.unwrap().error,
+                    "invalid_grant",
+                    "{name}"
+                );
+                assert_eq!(status.state, SessionState::NeedsSignIn, "{name}");
+                assert!(status.reason.is_some(), "{name}: no reason");
+                assert!(!status.has_refresh_token, "{name}");
+                assert_eq!(
+                    agent_error(daemon.get(name).await).code,
+                    ErrorCode::ReauthRequired
+                );
+                assert_eq!(fake.post_count(), posts, "{name}: asked again");
+            }
+            Outcome::Client => {
+                assert_eq!(
+                    reply.code,
+                    ErrorCode::ClientMisconfigured,
+                    "{name}: {}",
+                    reply.message
+                );
+                assert_eq!(status.state, SessionState::ClientMisconfigured, "{name}");
+                assert!(
+                    status.reason.unwrap().contains(&format!("cli-{name}")),
+                    "{name}"
+                );
+                assert!(
+                    status.has_refresh_token,
+                    "{name}: a good refresh token was dropped"
+                );
+                assert_eq!(status.next_refresh_at, None, "{name}");
+                assert_eq!(fake.post_count(), posts, "{name}: asked again");
+            }
+        }
+    }
+    daemon.stop().await;
+}
+
+/// Successful answers in every odd shape: `expires_in` as a string, zero,
+/// negative or missing (then the documented default, 300 s or
+/// `--default-lifetime`, and status says `default`), `token_type` in any
+/// case. Each is served as `Bearer` with a sane expiry, and none starts a
+/// refresh loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn odd_success_shapes_are_served_with_a_sane_expiry() {
+    let fake = FakeIdp::start().await;
+    let dir = tempdir();
+    let daemon = Daemon::start(dir.path(), test_timing()).await;
+    let body = |expires_in: serde_json::Value, token_type: &str, rt: &str| {
+        let mut body = json!({"access_token": format!("at-{rt}"), "token_type": token_type, "refresh_token": rt});
+        if !expires_in.is_null() {
+            body["expires_in"] = expires_in;
+        }
+        Reply::json(200, body)
+    };
+    let cases = [
+        (
+            "string",
+            body(json!("600"), "Bearer", "r1"),
+            600,
+            ExpirySource::Provider,
+        ),
+        (
+            "float",
+            body(json!(600.0), "Bearer", "r2"),
+            600,
+            ExpirySource::Provider,
+        ),
+        (
+            "zero",
+            body(json!(0), "Bearer", "r3"),
+            300,
+            ExpirySource::Default,
+        ),
+        (
+            "negative",
+            body(json!(-30), "Bearer", "r4"),
+            300,
+            ExpirySource::Default,
+        ),
+        (
+            "missing",
+            body(serde_json::Value::Null, "Bearer", "r5"),
+            300,
+            ExpirySource::Default,
+        ),
+        (
+            "lower",
+            body(json!(600), "bearer", "r6"),
+            600,
+            ExpirySource::Provider,
+        ),
+        (
+            "upper",
+            body(json!(600), "BEARER", "r7"),
+            600,
+            ExpirySource::Provider,
+        ),
+        (
+            "mixed",
+            body(json!(600), "BeArEr", "r8"),
+            600,
+            ExpirySource::Provider,
+        ),
+    ];
+    for (name, answer, lifetime, source) in cases {
+        fake.then(answer);
+        daemon
+            .import(session(name, &fake, &format!("{name}-rt-0")))
+            .await
+            .expect(name);
+        let token = daemon.get(name).await.expect(name);
+        assert_eq!(token.token_type, "Bearer", "{name}");
+        let status = daemon.status(name).await;
+        assert_eq!(status.expiry_source, Some(source), "{name}");
+        let now = now_secs();
+        let expires = status.access_expires_at.unwrap();
+        assert!(
+            (now + lifetime - 3..=now + lifetime + 1).contains(&expires),
+            "{name}: expires at now{:+} s, not now+{lifetime}",
+            expires as i64 - now as i64
+        );
+        assert!(
+            status.next_refresh_at.unwrap() > now + lifetime / 2,
+            "{name}: refresh planned too early"
+        );
+    }
+    let posts = fake.post_count();
+    tokio::time::sleep(SECOND).await;
+    for name in ["zero", "negative", "missing"] {
+        daemon.token(name).await;
+    }
+    assert_eq!(fake.post_count(), posts, "a refresh loop started");
+    daemon.stop().await;
+}
+
+/// A token endpoint that cannot be reached: a host name that does not
+/// resolve (`.invalid` never does), and TLS spoken to a plain-HTTP
+/// listener. Both are passing trouble: the session is kept, `retrying`
+/// with the reason, retried with backoff, never `needs_sign_in`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unresolvable_host_and_tls_failure_are_retried() {
+    let fake = FakeIdp::start().await;
+    let dir = tempdir();
+    let daemon = Daemon::start(dir.path(), test_timing()).await;
+    // Plain HTTP where TLS is expected: the handshake fails at once.
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = plain.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = plain.accept().await {
+            let mut hello = [0u8; 512];
+            let _ = stream.read(&mut hello).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    for (name, endpoint) in [
+        ("dns", "http://token.invalid/token".to_string()),
+        ("tls", format!("https://127.0.0.1:{port}/token")),
+    ] {
+        let mut import = session(name, &fake, "rt-0");
+        import.token_endpoint = Some(endpoint);
+        let started = Instant::now();
+        let reply = agent_error(daemon.import(import).await);
+        assert!(started.elapsed() < 8 * SECOND, "{name}: the import hung");
+        assert_eq!(
+            reply.code,
+            ErrorCode::TemporarilyUnavailable,
+            "{name}: {}",
+            reply.message
+        );
+        let status = daemon.status(name).await;
+        assert!(
+            matches!(
+                status.state,
+                SessionState::Retrying | SessionState::Refreshing
+            ),
+            "{name}: {:?}",
+            status.state
+        );
+        assert!(status.has_refresh_token, "{name}");
+        println!("{name}: {}", status.reason.clone().unwrap_or_default());
+        // Retried in the background with backoff, and still not given up.
+        wait_until(&format!("{name} retried"), 5 * SECOND, || async {
+            daemon.status(name).await.consecutive_failures >= 2
+        })
+        .await;
+        let status = daemon.status(name).await;
+        assert_ne!(status.state, SessionState::NeedsSignIn, "{name}");
+        assert!(status.reason.is_some(), "{name}: no reason in status");
+    }
+    assert_eq!(fake.post_count(), 0, "TLS reached the fake's HTTP handler");
+    daemon.stop().await;
+}
+
+/// The provider sends its head and half a body, then stalls. With a short
+/// provider timeout the refresh fails as passing trouble within that time,
+/// the valid token is served meanwhile, and the next attempt presents the
+/// same refresh token and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_stalls_times_out_and_is_retried() {
+    let fake = FakeIdp::start().await;
+    let dir = tempdir();
+    let mut config = common::config(dir.path(), test_timing());
+    config.provider_timeout = SECOND;
+    let daemon = Daemon::start_with(config).await;
+    daemon.import(adopted("s1", &fake)).await.unwrap();
+
+    fake.then(Reply::tokens("at-x", Some("rt-x"), Some(300)).stalled());
+    let started = Instant::now();
+    let reply = agent_error(daemon.refresh("s1").await);
+    let took = started.elapsed();
+    assert!(
+        took < 3 * SECOND,
+        "the stalled answer held the refresh {took:?}"
+    );
+    assert_eq!(
+        reply.code,
+        ErrorCode::TemporarilyUnavailable,
+        "{}",
+        reply.message
+    );
+    let status = daemon.status("s1").await;
+    assert_eq!(status.state, SessionState::Retrying);
+    println!("stalled body: {}", status.reason.clone().unwrap());
+    assert_eq!(daemon.token("s1").await, "at-0");
+
+    fake.then(Reply::tokens("at-1", Some("s1-rt-1"), Some(300)));
+    daemon.refresh("s1").await.expect("the retry succeeds");
+    assert_eq!(fake.presented(), ["s1-rt-0", "s1-rt-0"]);
+    assert_eq!(daemon.token("s1").await, "at-1");
+    daemon.stop().await;
+}
+
+/// 429 with `Retry-After` as an HTTP date three seconds ahead: the next
+/// attempt waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limited_refresh_honours_retry_after_as_a_date() {
+    let fake = FakeIdp::start().await;
+    let dir = tempdir();
+    let daemon = Daemon::start(dir.path(), test_timing()).await;
+    daemon.import(adopted("s1", &fake)).await.unwrap();
+
+    let date = httpdate::fmt_http_date(SystemTime::now() + 3 * SECOND);
+    fake.then(
+        Reply::raw(429, Some("text/plain"), "Too Many Requests").header("Retry-After", &date),
+    )
+    .then(Reply::tokens("at-1", Some("s1-rt-1"), Some(300)));
+    let reply = agent_error(daemon.refresh("s1").await);
+    assert_eq!(reply.code, ErrorCode::TemporarilyUnavailable);
+    let retry_at = reply.retry_at.expect("retry time");
+    assert!(
+        retry_at > now_secs(),
+        "retry at now{:+}",
+        retry_at as i64 - now_secs() as i64
+    );
+    assert_eq!(daemon.token("s1").await, "at-0");
+
+    fake.wait_for_posts(2, 6 * SECOND).await;
+    let posts = fake.posts();
+    let waited = posts[1].at - posts[0].at;
+    assert!(
+        waited >= Duration::from_millis(1_900),
+        "retried after {waited:?}, despite Retry-After"
+    );
+    assert_eq!(posts[1].refresh_token.as_deref(), Some("s1-rt-0"));
+    wait_until("fresh again", 3 * SECOND, || async {
+        daemon.status("s1").await.state == SessionState::Fresh
+    })
+    .await;
+    daemon.stop().await;
+}
+
+/// A ten-minute outage, compressed: twenty sessions whose tokens come due
+/// while the provider refuses every connection for six seconds, with the
+/// backoff capped at 500 ms (ten minutes at a 50 s cap, scaled). No
+/// session is marked as needing sign-in, and every one is refreshed
+/// within one backoff step of the provider's return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_outage_ends_with_every_session_refreshed_within_one_backoff_step() {
+    const SESSIONS: usize = 20;
+    const OUTAGE: Duration = Duration::from_secs(6);
+    let fake = FakeIdp::start().await;
+    let dir = tempdir();
+    let timing = Timing {
+        max_jitter_ms: 0,
+        min_gap_ms: 100,
+        backoff_base_ms: 100,
+        backoff_max_ms: 500,
+        ..Timing::default()
+    };
+    let daemon = Daemon::start(dir.path(), timing).await;
+    for i in 0..SESSIONS {
+        // Two-second tokens: each comes due a second after its import.
+        fake.then(Reply::tokens(
+            &format!("at-{i}-1"),
+            Some(&format!("rt-{i}-1")),
+            Some(2),
+        ));
+    }
+    fake.then_refuse(OUTAGE);
+    for i in 0..SESSIONS {
+        fake.then(Reply::tokens(
+            &format!("at-{i}-2"),
+            Some(&format!("rt-{i}-2")),
+            Some(300),
+        ));
+    }
+    for i in 0..SESSIONS {
+        daemon
+            .import(session(&format!("s{i}"), &fake, &format!("rt-{i}-0")))
+            .await
+            .unwrap();
+    }
+
+    // Through the outage: never needs sign-in.
+    let mut most_failures = 0;
+    while fake.outages().is_empty() {
+        for i in (0..SESSIONS).step_by(5) {
+            let status = daemon.status(&format!("s{i}")).await;
+            assert!(
+                !matches!(
+                    status.state,
+                    SessionState::NeedsSignIn | SessionState::ClientMisconfigured
+                ),
+                "s{i} ended by an outage: {:?}",
+                status.reason
+            );
+            most_failures = most_failures.max(status.consecutive_failures);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, back) = fake.outages()[0];
+    wait_until("every session fresh", 5 * SECOND, || async {
+        let statuses = daemon.call(|c| c.list().unwrap()).await;
+        statuses.iter().all(|s| s.state == SessionState::Fresh)
+    })
+    .await;
+
+    // Each session's first good refresh after the outage came within one
+    // backoff step (500 ms) of the provider's return, plus scheduling slack.
+    let posts = fake.posts();
+    let mut worst = Duration::ZERO;
+    for i in 0..SESSIONS {
+        let rt = format!("rt-{i}-1");
+        let recovered = posts
+            .iter()
+            .find(|p| p.at >= back && p.refresh_token.as_deref() == Some(&rt))
+            .unwrap_or_else(|| panic!("s{i} was not refreshed after the outage"));
+        worst = worst.max(recovered.at - back);
+        let token = daemon.token(&format!("s{i}")).await;
+        assert!(
+            token.ends_with("-2"),
+            "s{i} serves {token}, not a token from after the outage"
+        );
+    }
+    println!(
+        "outage of {OUTAGE:?}: {SESSIONS} sessions, most consecutive failures {most_failures}, \
+         last session refreshed {worst:?} after recovery (one backoff step: 500 ms)"
+    );
+    assert!(
+        worst <= Duration::from_millis(800),
+        "a session waited {worst:?} after recovery"
+    );
+    assert!(
+        most_failures >= 5,
+        "the outage was not felt: {most_failures} failures"
+    );
+    for status in daemon.call(|c| c.list().unwrap()).await {
+        assert_eq!(status.consecutive_failures, 0, "{}", status.name);
+        assert!(status.has_refresh_token, "{}", status.name);
+    }
+    daemon.stop().await;
+}
+
+/// A token that lapses while the provider fails: no `get` after its
+/// wall-clock expiry is served it, however the timers stand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn get_never_serves_a_token_past_its_wall_clock_expiry() {
+    let fake = FakeIdp::start().await;
+    let dir = tempdir();
+    let daemon = Daemon::start(dir.path(), test_timing()).await;
+    let mut import = adopted("s1", &fake);
+    import.expires_in = Some(1);
+    import.idle_timeout_secs = Some(0);
+    daemon.import(import).await.unwrap();
+    let imported = Instant::now();
+    for _ in 0..50 {
+        fake.then(Reply::oauth_error(503, "temporarily_unavailable", None));
+    }
+
+    let mut served = 0;
+    let mut refused = 0;
+    while imported.elapsed() < Duration::from_millis(2_500) {
+        let asked = Instant::now();
+        match daemon.get("s1").await {
+            Ok(token) => {
+                assert!(
+                    asked < imported + SECOND,
+                    "served a token {:?} after its expiry",
+                    asked - (imported + SECOND)
+                );
+                assert_eq!(token.access_token.expose(), "at-0");
+                served += 1;
+            }
+            Err(err) => {
+                assert_eq!(
+                    agent_error::<()>(Err(err)).code,
+                    ErrorCode::TemporarilyUnavailable
+                );
+                refused += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        served > 0 && refused > 0,
+        "served {served}, refused {refused}"
+    );
+    daemon.stop().await;
+}

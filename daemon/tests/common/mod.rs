@@ -37,6 +37,8 @@ pub struct Reply {
     pub delay: Duration,
     /// Read the request, then close the connection without a word.
     pub hang_up: bool,
+    /// Send the head and half the body, then stall for a minute.
+    pub stall_body: bool,
 }
 
 impl Reply {
@@ -49,6 +51,7 @@ impl Reply {
             body: body.to_string(),
             delay: Duration::ZERO,
             hang_up: false,
+            stall_body: false,
         }
     }
 
@@ -93,6 +96,13 @@ impl Reply {
         }
     }
 
+    /// The head and half of this body, then nothing for a minute: a
+    /// provider that dies mid-answer. It rotates nothing.
+    pub fn stalled(mut self) -> Reply {
+        self.stall_body = true;
+        self
+    }
+
     pub fn after(mut self, delay: Duration) -> Reply {
         self.delay = delay;
         self
@@ -105,7 +115,7 @@ impl Reply {
 
     /// The refresh token this answer hands out, if it is a success.
     fn rotated_refresh_token(&self) -> Option<String> {
-        if self.hang_up || !(200..300).contains(&self.status) {
+        if self.hang_up || self.stall_body || !(200..300).contains(&self.status) {
             return None;
         }
         let is_form = self
@@ -162,6 +172,8 @@ struct State {
 struct Inner {
     state: Mutex<State>,
     refuse: Notify,
+    /// When each stretch of refused connections began and ended.
+    outages: Mutex<Vec<(Instant, Instant)>>,
 }
 
 impl Inner {
@@ -188,6 +200,7 @@ impl FakeIdp {
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
             refuse: Notify::new(),
+            outages: Mutex::new(Vec::new()),
         });
         tokio::spawn(accept_loop(inner.clone(), listener, addr));
         FakeIdp {
@@ -241,6 +254,11 @@ impl FakeIdp {
             .collect()
     }
 
+    /// The stretches of refused connections so far: (start, end).
+    pub fn outages(&self) -> Vec<(Instant, Instant)> {
+        self.inner.outages.lock().unwrap().clone()
+    }
+
     /// Answers not yet handed out.
     pub fn unused_script(&self) -> usize {
         self.inner.state().script.len()
@@ -272,8 +290,10 @@ async fn accept_loop(inner: Arc<Inner>, mut listener: TcpListener, addr: SocketA
                 };
                 let Some(refuse_for) = refuse_for else { continue };
                 drop(listener);
+                let began = Instant::now();
                 tokio::time::sleep(refuse_for).await;
                 listener = rebind(addr).await;
+                inner.outages.lock().unwrap().push((began, Instant::now()));
                 let mut state = inner.state();
                 state.script.pop_front();
                 if matches!(state.script.front(), Some(Step::Refuse(_))) {
@@ -434,6 +454,14 @@ async fn handle(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr) {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
+    if reply.stall_body {
+        let half = &reply.body.as_bytes()[..reply.body.len() / 2];
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(half).await;
+        let _ = stream.flush().await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        return;
+    }
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(reply.body.as_bytes()).await;
     let _ = stream.shutdown().await;
@@ -455,6 +483,20 @@ pub fn test_timing() -> Timing {
     }
 }
 
+/// The configuration [`Daemon::start`] uses: `dir/agent.sock`,
+/// `dir/store`, a 5 s provider timeout.
+pub fn config(dir: &Path, timing: Timing) -> Config {
+    Config {
+        socket: dir.join("agent.sock"),
+        store_dir: dir.join("store"),
+        file: Default::default(),
+        timing,
+        max_concurrent_refreshes: 16,
+        provider_timeout: Duration::from_secs(5),
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
 /// The real daemon, in-process, on `dir/agent.sock` and `dir/store`.
 pub struct Daemon {
     running: Running,
@@ -463,20 +505,21 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start(dir: &Path, timing: Timing) -> Daemon {
+        Daemon::start_with(config(dir, timing)).await
+    }
+
+    /// Starts on a configuration of the test's own, such as [`config`]
+    /// with a shorter provider timeout.
+    pub async fn start_with(config: Config) -> Daemon {
         init_logging();
-        let socket = dir.join("agent.sock");
-        let running = token_agent::start(Config {
-            socket: socket.clone(),
-            store_dir: dir.join("store"),
-            file: Default::default(),
-            timing,
-            max_concurrent_refreshes: 16,
-            provider_timeout: Duration::from_secs(5),
-            shutdown_grace: Duration::from_secs(5),
-        })
-        .await
-        .expect("the daemon starts");
+        let socket = config.socket.clone();
+        let running = token_agent::start(config).await.expect("the daemon starts");
         Daemon { running, socket }
+    }
+
+    /// The daemon's in-memory state, for checks no request shows.
+    pub fn running(&self) -> &Running {
+        &self.running
     }
 
     pub async fn stop(self) {
