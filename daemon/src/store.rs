@@ -354,17 +354,10 @@ impl Store {
     /// database open a moment longer; the reopen then waits for a later
     /// call.
     fn reopen_after_failure(&self) {
+        // Closing only; `sled()` opens afresh at the next write. Reopening
+        // at once would run sled's recovery on a disk that is still full.
         let old = self.sled.write().unwrap_or_else(|e| e.into_inner()).take();
         drop(old);
-        let mut slot = self.sled.write().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            match open_sled(&self.path.join("sled")) {
-                Ok(open) => *slot = Some(open),
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot reopen the store yet; the next write tries again")
-                }
-            }
-        }
     }
 }
 

@@ -219,6 +219,11 @@ impl FakeIdp {
         self
     }
 
+    /// Drops every answer not handed out yet.
+    pub fn clear_script(&self) {
+        self.inner.state().script.clear();
+    }
+
     /// Appends a stretch of refused connections to the script. It starts
     /// once every answer before it has been handed out.
     pub fn then_refuse(&self, duration: Duration) -> &Self {
