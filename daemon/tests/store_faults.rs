@@ -268,7 +268,7 @@ async fn a_full_disk_fails_the_refresh_loudly_and_loses_nothing() {
     let mut generation = 2;
     let mut filler = fill(&dir.path().join("disk"));
     let mut markers_refused = 0;
-    let reply = loop {
+    loop {
         let sent_before = fake.presented().len();
         fake.then(Reply::tokens(
             &format!("at-{generation}"),
@@ -291,7 +291,7 @@ async fn a_full_disk_fails_the_refresh_loudly_and_loses_nothing() {
             reply.message
         );
         if fake.presented().len() > sent_before || markers_refused == 10 {
-            break reply;
+            break;
         }
 
         // The marker was refused: no refresh token left the agent, and the
@@ -315,7 +315,7 @@ async fn a_full_disk_fails_the_refresh_loudly_and_loses_nothing() {
         );
         generation += 1;
         filler = fill(&dir.path().join("disk"));
-    };
+    }
     println!(
         "the store refused a write after {} refreshes on a full disk ({markers_refused} refused markers first)",
         generation - 2
