@@ -187,8 +187,25 @@ pub struct Store {
     /// The names in `sessions.index`; `None` until the first load of a
     /// store that has none yet (new, or from an earlier version).
     index: std::sync::Mutex<Option<std::collections::BTreeSet<String>>>,
+    /// Group commit: one sled flush in flight at a time, covering every
+    /// write made before it started. sled runs each `flush_async` on its own
+    /// small thread pool, the same pool that writes its log buffers; many
+    /// concurrent flushes block every pool thread waiting for writes that no
+    /// thread is left to make, and the store hangs.
+    flushes: FlushQueue,
     // Held, never read: the flock lives as long as this file is open.
     _lock: File,
+}
+
+/// Counts writes and the writes a completed flush covers.
+#[derive(Default)]
+struct FlushQueue {
+    /// Writes made so far.
+    written: std::sync::atomic::AtomicU64,
+    /// The `written` count the last completed flush covered.
+    flushed: std::sync::atomic::AtomicU64,
+    /// Held by the one flush in flight.
+    turn: tokio::sync::Mutex<()>,
 }
 
 impl Store {
@@ -222,6 +239,7 @@ impl Store {
             sealer,
             sled: std::sync::RwLock::new(Some(opened)),
             index: std::sync::Mutex::new(index),
+            flushes: FlushQueue::default(),
             _lock: lock,
         })
     }
@@ -283,7 +301,7 @@ impl Store {
         let sealed = self.sealer.seal(record.name.as_bytes(), &plain);
         let (db, tree) = self.sled()?;
         let written = match tree.insert(record.name.as_bytes(), sealed) {
-            Ok(_) => db.flush_async().await.map(drop),
+            Ok(_) => self.flush_covering(&db).await,
             Err(err) => Err(err),
         };
         drop((db, tree));
@@ -318,7 +336,7 @@ impl Store {
         }
         let (db, tree) = self.sled()?;
         let written = match tree.remove(name.as_bytes()) {
-            Ok(_) => db.flush_async().await.map(drop),
+            Ok(_) => self.flush_covering(&db).await,
             Err(err) => Err(err),
         };
         drop((db, tree));
@@ -331,7 +349,23 @@ impl Store {
 
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (db, _tree) = self.sled()?;
-        db.flush_async().await.map_err(StoreError::Write)?;
+        self.flush_covering(&db).await.map_err(StoreError::Write)?;
+        Ok(())
+    }
+
+    /// Returns once every write made before this call is on disk, sharing
+    /// one flush with the writes that came along meanwhile.
+    async fn flush_covering(&self, db: &sled::Db) -> sled::Result<()> {
+        use std::sync::atomic::Ordering;
+
+        let mine = self.flushes.written.fetch_add(1, Ordering::AcqRel) + 1;
+        let _turn = self.flushes.turn.lock().await;
+        if self.flushes.flushed.load(Ordering::Acquire) >= mine {
+            return Ok(());
+        }
+        let covers = self.flushes.written.load(Ordering::Acquire);
+        db.flush_async().await?;
+        self.flushes.flushed.fetch_max(covers, Ordering::AcqRel);
         Ok(())
     }
 
@@ -687,6 +721,30 @@ pub(crate) mod tests {
             records[0].tokens.refresh_token.as_ref().unwrap().expose(),
             "rt-1"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn many_concurrent_saves_all_complete() {
+        // sled's flushes share a small thread pool with its log writes; a
+        // burst of concurrent flushes used to take every thread and hang.
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(dir.path(), None).unwrap());
+        let saves: Vec<_> = (0..64)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for round in 0..20 {
+                        let mut r = record(&format!("s{i}"));
+                        r.generation = round;
+                        store.save(&r).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        let all = futures_util::future::join_all(saves);
+        let finished = tokio::time::timeout(std::time::Duration::from_secs(120), all).await;
+        assert!(finished.is_ok(), "saves hung");
+        assert_eq!(store.load_all().unwrap().len(), 64);
     }
 
     #[test]

@@ -1,0 +1,175 @@
+//! Filling a store with sessions quickly.
+//!
+//! `Store::save` writes one record and flushes, and rewrites the session
+//! index whenever a name is new: filling 100,000 sessions through it takes
+//! hours (see BENCHMARKS.md). So the filler creates the store through the
+//! public `Store::open`, takes its key through the public `Sealer`, and
+//! writes the sealed records straight into sled's `sessions` tree in
+//! batches, exactly as `Store::save` lays them out (key: the session name;
+//! value: the JSON record sealed with the name as associated data). The
+//! index is left out, as in a store from before the index existed; the
+//! agent writes it at its first start. If the store's layout changes, the
+//! agent refuses the filled store at start-up and the bench says so.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use token_agent::store::SessionRecord;
+use token_agent_client::proto::Secret;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn session_name(i: usize) -> String {
+    format!("session-{i:06}")
+}
+
+/// The refresh token a filled session starts with; the fake provider reads
+/// the session's number back from it.
+pub fn first_refresh_token(i: usize) -> String {
+    format!("rt-{i}-0")
+}
+
+/// A JWT-shaped opaque string of `len` bytes (three base64url parts), as a
+/// provider such as Keycloak issues.
+pub fn token_of_len(len: usize, seed: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut state = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = String::with_capacity(len);
+    out.push_str("eyJ");
+    while out.len() < len {
+        // xorshift64: cheap, deterministic, different per session.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let i = out.len();
+        if i == len / 3 || i == 2 * len / 3 {
+            out.push('.');
+        } else {
+            out.push(ALPHABET[(state % 64) as usize] as char);
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// What the filled sessions look like.
+pub struct Fill {
+    pub sessions: usize,
+    pub access_token_bytes: usize,
+    pub refresh_token_bytes: usize,
+    /// Where the sessions refresh.
+    pub token_endpoint: String,
+    /// When session `i` is next due (Unix ms); `None` leaves it unplanned.
+    pub due: Box<dyn Fn(usize) -> Option<u64> + Send + Sync>,
+    /// When every access token expires (Unix ms).
+    pub access_expires_at: u64,
+}
+
+impl Fill {
+    /// Sessions with tokens valid for a day and nothing due for 20 hours:
+    /// a store at rest.
+    pub fn at_rest(sessions: usize, access_token_bytes: usize) -> Fill {
+        let now = now_ms();
+        Fill {
+            sessions,
+            access_token_bytes,
+            refresh_token_bytes: (access_token_bytes / 2).max(32),
+            token_endpoint: "http://127.0.0.1:9/token".into(),
+            due: Box::new(move |i| Some(now + 20 * 3_600_000 + (i as u64 % 3_600_000))),
+            access_expires_at: now + 24 * 3_600_000,
+        }
+    }
+}
+
+/// A record in the shape the agent writes after a successful refresh. Built
+/// from JSON so that fields the store adds later with defaults need no change
+/// here.
+fn template(fill: &Fill, now: u64) -> anyhow::Result<SessionRecord> {
+    let record = serde_json::json!({
+        "name": "template",
+        "client": {
+            "issuer": "http://127.0.0.1",
+            "token_endpoint": fill.token_endpoint,
+            "client_id": "bench-client",
+            "client_secret": "bench-secret",
+            "client_auth": "basic",
+            "scopes": [],
+        },
+        "tokens": {
+            "access_token": null,
+            "obtained_at": now,
+            "access_expires_at": fill.access_expires_at,
+            "expiry_source": "provider",
+            "provider_lifetime_ms": fill.access_expires_at.saturating_sub(now),
+            "refresh_token": null,
+            "refresh_expires_at": null,
+        },
+        "generation": 0,
+        "refresh_in_flight": null,
+        "interrupted": false,
+        "state": {"state": "fresh", "since": now, "reason": null, "provider_error": null},
+        "last_refresh_at": now,
+        "consecutive_failures": 0,
+        "next_refresh_at": null,
+        "idle_timeout_secs": null,
+        "created_at": now,
+    });
+    serde_json::from_value(record)
+        .context("the store's record shape changed; update bench/src/populate.rs")
+}
+
+/// Writes `fill.sessions` records into a new store at `dir` and returns
+/// how long that took.
+pub fn fill_store(dir: &Path, fill: Fill) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        !dir.join("sled").exists(),
+        "{} already holds a store",
+        dir.display()
+    );
+    let started = Instant::now();
+    // The folder, its layout file, key and key check, and an empty sled
+    // database, as the agent creates them.
+    drop(token_agent::store::Store::open(dir, None)?);
+    let sealer = token_agent::seal::Sealer::find_key(dir, None, false)?
+        .context("the new store has no key")?;
+    let db = sled::Config::new().path(dir.join("sled")).open()?;
+    let tree = db.open_tree("sessions")?;
+
+    let now = now_ms();
+    let template = template(&fill, now)?;
+    let mut batch = sled::Batch::default();
+    for i in 0..fill.sessions {
+        let mut record = template.clone();
+        record.name = session_name(i);
+        record.tokens.access_token = Some(Secret::new(token_of_len(fill.access_token_bytes, i)));
+        let mut refresh_token = first_refresh_token(i);
+        if refresh_token.len() < fill.refresh_token_bytes {
+            refresh_token.push('-');
+            refresh_token.push_str(&token_of_len(
+                fill.refresh_token_bytes - refresh_token.len(),
+                i + 1,
+            ));
+        }
+        record.tokens.refresh_token = Some(Secret::new(refresh_token));
+        record.next_refresh_at = (fill.due)(i);
+        let plain = serde_json::to_vec(&record)?;
+        batch.insert(
+            record.name.as_bytes(),
+            sealer.seal(record.name.as_bytes(), &plain),
+        );
+        if (i + 1) % 1_000 == 0 {
+            tree.apply_batch(std::mem::take(&mut batch))?;
+        }
+    }
+    tree.apply_batch(batch)?;
+    db.flush()?;
+    drop(tree);
+    drop(db);
+    Ok(started.elapsed())
+}
