@@ -450,7 +450,10 @@ impl Agent {
                 .map_err(|why| {
                     ErrorReply::new(
                         ErrorCode::TemporarilyUnavailable,
-                        format!("cannot find the token endpoint: {why}; pass --token-endpoint to skip discovery"),
+                        format!(
+                            "nothing was imported: cannot find the token endpoint ({why}); \
+                             try again, or pass --token-endpoint to skip discovery"
+                        ),
                     )
                 })?,
         };

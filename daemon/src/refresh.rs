@@ -383,13 +383,19 @@ impl Refresher {
         provider_error: ProviderError,
     ) -> Outcome {
         let now = now_ms();
-        let reason = format!(
-            "the provider refused client {} ({}); the refresh token is kept, and nothing is \
-             retried until the session is imported again with a working client",
+        let refused = format!(
+            "the provider refused client {} ({})",
             record.client.client_id,
             describe(&provider_error)
         );
+        let reason = format!(
+            "{refused}; the refresh token is kept, and nothing is retried until the session \
+             is imported again with a working client"
+        );
         error!(provider_error = %provider_error.error, "{reason}");
+        // A session that never refreshed is an import being tried: its
+        // client settings are suspect, not the client every sibling uses.
+        let was_working = record.generation > 0;
 
         record.refresh_in_flight = None;
         record.consecutive_failures += 1;
@@ -402,11 +408,14 @@ impl Refresher {
             Some(provider_error.clone()),
         );
         self.save_or_log(&record).await;
-        self.flag_siblings(session, &record.client, &reason, &provider_error)
-            .await;
+        if was_working {
+            self.flag_siblings(session, &record.client, &reason, &provider_error)
+                .await;
+        }
         self.install(session, record);
 
-        let mut reply = ErrorReply::new(ErrorCode::ClientMisconfigured, reason);
+        let message = if was_working { reason } else { refused };
+        let mut reply = ErrorReply::new(ErrorCode::ClientMisconfigured, message);
         reply.provider_error = Some(provider_error);
         Err(reply)
     }
@@ -426,10 +435,22 @@ impl Refresher {
             if sibling.name == session.name {
                 continue;
             }
+            // Same endpoint, id and credentials: a sibling with another
+            // secret may well be the one that works.
             let is_same_client = {
                 let other = sibling.record();
                 other.client.token_endpoint == client.token_endpoint
                     && other.client.client_id == client.client_id
+                    && other.client.client_auth == client.client_auth
+                    && other
+                        .client
+                        .client_secret
+                        .as_ref()
+                        .map(token_agent_proto::Secret::expose)
+                        == client
+                            .client_secret
+                            .as_ref()
+                            .map(token_agent_proto::Secret::expose)
                     && other.state.state != SessionState::NeedsSignIn
             };
             // A sibling whose own refresh is in flight hears the same
@@ -901,9 +922,12 @@ pub fn reauth_error(record: &SessionRecord) -> ErrorReply {
     let mut reply = ErrorReply::new(
         ErrorCode::ReauthRequired,
         format!(
-            "session {} needs a new sign-in: {why}. Sign in again with `tokenctl login {} \
-             --replace` (or import a new refresh token with `tokenctl import {} --replace ...`)",
-            record.name, record.name, record.name
+            "session {name} needs a new sign-in: {why}. Sign in again with `tokenctl login {name} \
+             --replace --issuer {issuer} --client-id {client}` (or with its profile), or import \
+             a new refresh token with `tokenctl import {name} --replace ...`",
+            name = record.name,
+            issuer = record.client.issuer,
+            client = record.client.client_id,
         ),
     );
     reply.provider_error = record.state.provider_error.clone();

@@ -290,3 +290,42 @@ fn a_get_asking_more_than_the_token_has_left_refreshes_when_a_new_token_would_do
     );
     assert_eq!(provider.stats()["refresh_requests"], Value::from(2));
 }
+
+#[test]
+fn an_import_with_a_wrong_client_secret_fails_alone() {
+    let provider = Provider::start(ACCESS_TTL);
+    let ws = Workspace::new();
+    let _agent = ws.start_agent(&[]);
+    ws.import(&provider, "work", &[]);
+
+    // The same client, a mistyped secret: only this import fails.
+    let answer = provider.sign_in("agent-basic", Some("basic-secret"), "typo");
+    let rt = ws.secret_file("typo.rt", answer["refresh_token"].as_str().unwrap());
+    let wrong = ws.secret_file("wrong.secret", "not-the-secret");
+    let output = ws.tokenctl(&[
+        "import",
+        "typo",
+        "--issuer",
+        &provider.issuer,
+        "--client-id",
+        "agent-basic",
+        "--client-secret-file",
+        wrong.to_str().unwrap(),
+        "--refresh-token-file",
+        rt.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(7));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("was not imported"), "{message}");
+    assert!(
+        !message.contains("is kept"),
+        "a failed import claims to keep something: {message}"
+    );
+
+    // The working session is untouched and keeps rotating.
+    let status = ws.tokenctl_ok(&["status", "work"]);
+    assert!(status.contains("state:          fresh"), "{status}");
+    std::thread::sleep(Duration::from_secs(ACCESS_TTL + 1));
+    let token = ws.tokenctl_ok(&["get", "work"]);
+    assert!(provider.is_active(token.trim()));
+}
