@@ -134,7 +134,7 @@ enum Command {
 #[derive(clap::Args, Clone)]
 struct TokenArgs {
     /// The token must stay valid at least this long, e.g. 30s or 5m.
-    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = parse_seconds_or_duration)]
     min_valid: Duration,
     /// A down-scoped token for this scope (a subset of the session's);
     /// repeat for several.
@@ -537,6 +537,15 @@ fn read_passphrase(confirm: bool) -> Result<Secret, Failure> {
     Ok(passphrase)
 }
 
+/// "90" (seconds), "90s", "5m", "1h 30m".
+fn parse_seconds_or_duration(text: &str) -> Result<Duration, String> {
+    if let Ok(seconds) = text.trim().parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text)
+        .map_err(|err| format!("{err}; write a duration such as 30s, 5m or 1h"))
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -821,6 +830,18 @@ fn print_status(out: &mut impl Write, s: &SessionStatus) -> std::io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn min_valid_takes_bare_seconds_or_a_duration() {
+        assert_eq!(parse_seconds_or_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(
+            parse_seconds_or_duration("2m"),
+            Ok(Duration::from_secs(120))
+        );
+        assert!(parse_seconds_or_duration("banana")
+            .unwrap_err()
+            .contains("30s"));
+    }
 
     #[test]
     fn durations_read_as_people_say_them() {
