@@ -2,8 +2,8 @@
 # Benchmarks of token-agent beside the physical floor (a bare Unix-socket
 # echo) and beside Debian's oidc-agent, as BENCHMARKS.md describes.
 #
-#   scripts/bench.sh            # the full set, about 15 minutes
-#   scripts/bench.sh --quick    # the same figures, smaller, about 4 minutes
+#   scripts/bench.sh            # the full set, about 10 minutes once built
+#   scripts/bench.sh --quick    # the same figures, smaller, about 3 minutes
 #
 # Installs what it needs when missing (hyperfine and oidc-agent-cli from
 # Debian's packages, Node.js for the test provider), builds release binaries,
@@ -68,7 +68,11 @@ run() {
 # --- The machine -------------------------------------------------------------
 echo "# token-agent benchmarks ($([ "$QUICK" = 1 ] && echo quick || echo full) run, $(date -u '+%Y-%m-%d %H:%M UTC'))"
 echo
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+if git rev-parse --git-dir >/dev/null 2>&1; then
+    echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
+else
+    echo "not a git checkout"
+fi
 echo '```'
 echo "\$ nproc"
 nproc

@@ -138,7 +138,22 @@ pub fn fill_store(dir: &Path, fill: Fill) -> anyhow::Result<Duration> {
     drop(token_agent::store::Store::open(dir, None)?);
     let sealer = token_agent::seal::Sealer::find_key(dir, None, false)?
         .context("the new store has no key")?;
-    let db = sled::Config::new().path(dir.join("sled")).open()?;
+    // sled lets go of its file lock once its background work on the
+    // dropped store ends; wait for that.
+    let db = {
+        let mut tries = 0;
+        loop {
+            match sled::Config::new().path(dir.join("sled")).open() {
+                Ok(db) => break db,
+                Err(err) if tries < 200 => {
+                    tries += 1;
+                    let _ = err;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    };
     let tree = db.open_tree("sessions")?;
 
     let now = now_ms();

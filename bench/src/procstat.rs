@@ -167,3 +167,35 @@ pub fn all_cpus() -> Vec<usize> {
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
     (0..n).collect()
 }
+
+/// CPU time of each live thread of `pid`, in nanoseconds, from
+/// /proc/PID/task/TID/schedstat: finer than the 10 ms ticks of
+/// /proc/PID/stat, for short idle windows.
+pub fn thread_cpu_ns(pid: u32) -> std::collections::HashMap<u32, u64> {
+    let mut by_thread = std::collections::HashMap::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_thread;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        if let Some(ns) = fs::read_to_string(task.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
+        {
+            by_thread.insert(tid, ns);
+        }
+    }
+    by_thread
+}
+
+/// CPU the threads of `pid` used since `before` (threads started since
+/// count from zero; threads that ended since are not counted).
+pub fn cpu_since(pid: u32, before: &std::collections::HashMap<u32, u64>) -> Duration {
+    let ns: u64 = thread_cpu_ns(pid)
+        .iter()
+        .map(|(tid, now)| now.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum();
+    Duration::from_nanos(ns)
+}

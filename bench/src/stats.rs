@@ -98,6 +98,8 @@ pub struct Table {
     title: String,
     header: Vec<String>,
     rows: Vec<Vec<String>>,
+    /// Leading columns that hold text, aligned left.
+    text_columns: usize,
 }
 
 impl Table {
@@ -106,7 +108,14 @@ impl Table {
             title: title.into(),
             header: header.iter().map(|s| s.to_string()).collect(),
             rows: Vec::new(),
+            text_columns: 1,
         }
+    }
+
+    /// Aligns the first `n` columns left.
+    pub fn text_columns(mut self, n: usize) -> Table {
+        self.text_columns = n;
+        self
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -125,7 +134,7 @@ impl Table {
             let mut out = String::from("|");
             for (i, width) in widths.iter().enumerate() {
                 let cell = cells.get(i).map(String::as_str).unwrap_or("");
-                if i == 0 {
+                if i < self.text_columns {
                     out.push_str(&format!(" {cell:<width$} |"));
                 } else {
                     out.push_str(&format!(" {cell:>width$} |"));
@@ -139,7 +148,7 @@ impl Table {
         println!("{}", line(&self.header));
         let mut rule = String::from("|");
         for (i, width) in widths.iter().enumerate() {
-            if i == 0 {
+            if i < self.text_columns {
                 rule.push_str(&format!(" {} |", "-".repeat(*width)));
             } else {
                 rule.push_str(&format!(

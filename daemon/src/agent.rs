@@ -115,7 +115,7 @@ impl Agent {
             return Err(ErrorReply::new(ErrorCode::PermissionDenied, why));
         }
         let session = self.find(name)?;
-        let events = session.events.subscribe();
+        let events = session.subscribe();
         let current = watch_event(&session.record(), now_ms());
         Ok((current, events))
     }

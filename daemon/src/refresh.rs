@@ -515,8 +515,7 @@ impl Refresher {
         let is_new_failure = failure.is_some() && failure != *told;
         if token_changed || is_new_failure {
             *told = failure;
-            // No watcher is a fine outcome; a lagging one skips ahead.
-            let _ = session.events.send(event);
+            session.publish(event);
         }
     }
 

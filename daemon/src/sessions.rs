@@ -93,8 +93,10 @@ pub struct Session {
     /// Every change a watcher should hear of: a new token, a failure, the
     /// session's end. A watcher more than [`EVENT_BACKLOG`] events behind
     /// loses the ones in between and is sent the current state instead;
-    /// the refresher never waits for a watcher.
-    pub events: broadcast::Sender<WatchEvent>,
+    /// the refresher never waits for a watcher. Made at the first watch:
+    /// a channel costs about 18 KB, too much to give each of 100,000
+    /// sessions that nobody watches.
+    events: std::sync::OnceLock<broadcast::Sender<WatchEvent>>,
     /// The failure the last event told of (none after a token), so a
     /// failure that goes on through many attempts is told once.
     pub told_failure: Mutex<Option<ErrorCode>>,
@@ -113,7 +115,7 @@ impl Session {
             unsaved: Mutex::new(None),
             last_used: AtomicU64::new(now_ms()),
             removed: AtomicBool::new(false),
-            events: broadcast::channel(EVENT_BACKLOG).0,
+            events: std::sync::OnceLock::new(),
             told_failure: Mutex::new(None),
             scoped: Mutex::new(HashMap::new()),
         }
@@ -212,6 +214,21 @@ impl Session {
         self.last_used.load(Ordering::Relaxed)
     }
 
+    /// Starts listening to this session's events.
+    pub fn subscribe(&self) -> broadcast::Receiver<WatchEvent> {
+        self.events
+            .get_or_init(|| broadcast::channel(EVENT_BACKLOG).0)
+            .subscribe()
+    }
+
+    /// Tells every watcher, if there is any. No watcher is a fine outcome;
+    /// a lagging one skips ahead.
+    pub fn publish(&self, event: WatchEvent) {
+        if let Some(events) = self.events.get() {
+            let _ = events.send(event);
+        }
+    }
+
     /// Marks the session gone; callers hold the gate.
     pub fn mark_removed(&self) {
         self.removed.store(true, Ordering::Release);
@@ -220,7 +237,7 @@ impl Session {
             let record = self.record();
             (record.generation, record.state.state)
         };
-        let _ = self.events.send(WatchEvent {
+        self.publish(WatchEvent {
             name: self.name.to_string(),
             generation,
             state,
