@@ -299,16 +299,8 @@ impl Store {
                 })?,
             );
         let sealed = self.sealer.seal(record.name.as_bytes(), &plain);
-        let (db, tree) = self.sled()?;
-        let written = match tree.insert(record.name.as_bytes(), sealed) {
-            Ok(_) => self.flush_covering(&db).await,
-            Err(err) => Err(err),
-        };
-        drop((db, tree));
-        if let Err(err) = written {
-            self.reopen_after_failure();
-            return Err(StoreError::Write(err));
-        }
+        self.write(|tree| tree.insert(record.name.as_bytes(), sealed).map(drop))
+            .await?;
 
         // The record first, then its index entry: see the module docs.
         let mut index = self.index();
@@ -334,17 +326,27 @@ impl Store {
                 *names = without;
             }
         }
+        self.write(|tree| tree.remove(name.as_bytes()).map(drop))
+            .await
+    }
+
+    /// Applies one change to the sessions tree and returns once it is on
+    /// disk. After a failed write sled refuses every later one, so it is
+    /// closed, to be reopened at the next write.
+    async fn write(
+        &self,
+        change: impl FnOnce(&sled::Tree) -> sled::Result<()>,
+    ) -> Result<(), StoreError> {
         let (db, tree) = self.sled()?;
-        let written = match tree.remove(name.as_bytes()) {
-            Ok(_) => self.flush_covering(&db).await,
+        let written = match change(&tree) {
+            Ok(()) => self.flush_covering(&db).await,
             Err(err) => Err(err),
         };
         drop((db, tree));
-        if let Err(err) = written {
+        written.map_err(|err| {
             self.reopen_after_failure();
-            return Err(StoreError::Write(err));
-        }
-        Ok(())
+            StoreError::Write(err)
+        })
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
