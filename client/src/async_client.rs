@@ -27,7 +27,9 @@ use crate::{
 /// let token = agent
 ///     .get_with("work", &TokenOptions::new().min_valid(std::time::Duration::from_secs(60)))
 ///     .await?;
-/// println!("Authorization: Bearer {}", token.access_token.expose());
+/// // Hand the token to the HTTP client; never print or log it.
+/// let authorization = format!("Bearer {}", token.access_token.expose());
+/// # drop(authorization);
 ///
 /// // Swap the token whenever the agent refreshes it.
 /// let mut watcher = agent.watch("work").await?;

@@ -14,7 +14,9 @@
 //!
 //! let mut agent = Client::connect_default()?;
 //! let token = agent.get("work", Duration::from_secs(60))?;
-//! println!("Authorization: Bearer {}", token.access_token.expose());
+//! // Hand the token to the HTTP client; never print or log it.
+//! let authorization = format!("Bearer {}", token.access_token.expose());
+//! # drop(authorization);
 //! # Ok::<(), token_agent_client::ClientError>(())
 //! ```
 //!
