@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 
 use serde_json::json;
 use token_agent_client::proto::{ErrorCode, TokenReply};
-use token_agent_client::Client;
+use token_agent_client::{Client, ClientError};
 
 use crate::{failure, Failure};
 
@@ -137,7 +137,17 @@ pub fn watch(agent: Client, name: &str, json: bool) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     let watcher = agent.watch(name)?;
     for event in watcher {
-        let event = event?;
+        // Once subscribed, a broken stream means the agent went away.
+        let event = event.map_err(|err| match err {
+            ClientError::Protocol(_) => Failure {
+                message: format!(
+                    "the agent closed the watch of {name} (it stopped or restarted); \
+                     run tokenctl watch again once it is back"
+                ),
+                exit_code: 3,
+            },
+            other => other.into(),
+        })?;
         if json {
             let line = serde_json::to_string(&event).expect("events serialize");
             writeln!(out, "{line}")
@@ -150,7 +160,8 @@ pub fn watch(agent: Client, name: &str, json: bool) -> Result<(), Failure> {
         .map_err(|err| failure(format!("cannot write the output: {err}")))?;
 
         if let Some(error) = &event.error {
-            if !json {
+            // A removal is told once, by the failure returned below.
+            if !json && error.code != ErrorCode::NoSuchSession {
                 eprintln!("tokenctl: {}", error.message);
             }
             if error.code == ErrorCode::NoSuchSession {

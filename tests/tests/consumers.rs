@@ -516,3 +516,40 @@ fn completions_and_the_man_page_come_from_the_cli_definition() {
     );
     assert!(man.contains("kubectl"));
 }
+
+#[test]
+fn a_watch_ends_with_exit_3_when_the_agent_stops_and_says_a_removal_once() {
+    let provider = Provider::start(30);
+    let ws = Workspace::new();
+    let mut agent = ws.start_agent(&[]);
+    ws.import(&provider, "gone", &[]);
+    ws.import(&provider, "stays", &[]);
+
+    let watch = |name: &str| {
+        std::process::Command::new(common::binary("tokenctl"))
+            .arg("--socket")
+            .arg(ws.socket())
+            .args(["watch", name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // Removed: told once, exit 4.
+    let removed = watch("gone");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    ws.tokenctl_ok(&["remove", "gone"]);
+    let output = removed.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(4));
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(said.matches("was removed").count(), 1, "{said}");
+
+    // The agent stops: exit 3, with words a person can act on.
+    let stopped = watch("stays");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    agent.terminate();
+    let output = stopped.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("closed the watch"));
+}
