@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::{ACCEPT, CONTENT_TYPE, DATE, RETRY_AFTER};
 use serde::Deserialize;
 use serde_json::Value;
-use token_agent_proto::{ClientAuth, ProviderError, Secret};
+use token_agent_proto::{answer, ClientAuth, ProviderError, Secret};
 
 use crate::store::ClientConfig;
 
@@ -345,15 +345,15 @@ pub fn audience_parameter(audience: &str) -> &'static str {
 /// Turns one HTTP answer into an [`Answer`]. Pure, so every odd answer a
 /// provider or proxy can give is tested directly.
 pub fn classify(raw: &RawAnswer<'_>) -> Answer {
-    let fields = parse_fields(raw.content_type, raw.body);
+    let fields = answer::fields(raw.content_type, raw.body);
 
     // An `error` member decides, whatever the status: GitHub reports a dead
     // refresh token inside an HTTP 200.
     if let Some(fields) = &fields {
-        if let Some(error) = string_field(fields, "error") {
+        if let Some(error) = answer::text(fields, "error") {
             let provider_error = ProviderError {
                 error: error.clone(),
-                description: string_field(fields, "error_description"),
+                description: answer::text(fields, "error_description"),
                 codes: provider_codes(fields),
             };
             return classify_error_code(raw, provider_error);
@@ -401,28 +401,6 @@ fn classify_error_code(raw: &RawAnswer<'_>, error: ProviderError) -> Answer {
     }
 }
 
-/// The body's fields, from JSON or, when the provider says so, from a
-/// form-encoded body. `None` when the body is neither.
-fn parse_fields(content_type: Option<&str>, body: &[u8]) -> Option<serde_json::Map<String, Value>> {
-    let media_type = content_type
-        .and_then(|ct| ct.split(';').next())
-        .map(|mt| mt.trim().to_ascii_lowercase());
-
-    if media_type.as_deref() == Some("application/x-www-form-urlencoded") {
-        let fields: serde_json::Map<String, Value> = url::form_urlencoded::parse(body)
-            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
-            .collect();
-        return (!fields.is_empty()).then_some(fields);
-    }
-
-    // Some providers send JSON as text/plain; trust the body over the label
-    // as long as it parses as an object.
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(fields)) => Some(fields),
-        _ => None,
-    }
-}
-
 /// Microsoft's `error_codes` and `suberror`, as text.
 fn provider_codes(fields: &serde_json::Map<String, Value>) -> Vec<String> {
     let mut codes: Vec<String> = match fields.get("error_codes") {
@@ -436,39 +414,23 @@ fn provider_codes(fields: &serde_json::Map<String, Value>) -> Vec<String> {
             .collect(),
         _ => Vec::new(),
     };
-    codes.extend(string_field(fields, "suberror"));
+    codes.extend(answer::text(fields, "suberror"));
     codes
 }
 
-fn string_field(fields: &serde_json::Map<String, Value>, name: &str) -> Option<String> {
-    match fields.get(name)? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        _ => None,
-    }
-}
-
-/// A number of seconds given as a JSON number or a numeric string.
-fn seconds_field(fields: &serde_json::Map<String, Value>, name: &str) -> Option<i64> {
-    match fields.get(name)? {
-        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
-        Value::String(s) => s.trim().parse::<f64>().ok().map(|f| f as i64),
-        _ => None,
-    }
-}
-
 fn token_answer(fields: &serde_json::Map<String, Value>) -> Option<TokenAnswer> {
-    let access_token = string_field(fields, "access_token")?;
+    let access_token = answer::text(fields, "access_token")?;
     Some(TokenAnswer {
         access_token: Secret::new(access_token),
         // RFC 6749 requires token_type; lenient providers omit it and mean
         // Bearer.
-        token_type: string_field(fields, "token_type")
+        token_type: answer::text(fields, "token_type")
             .unwrap_or_else(|| "bearer".into())
             .to_ascii_lowercase(),
-        expires_in: seconds_field(fields, "expires_in"),
-        refresh_token: string_field(fields, "refresh_token").map(Secret::new),
-        refresh_expires_in: seconds_field(fields, "refresh_expires_in")
-            .or_else(|| seconds_field(fields, "refresh_token_expires_in")),
+        expires_in: answer::seconds(fields, "expires_in"),
+        refresh_token: answer::text(fields, "refresh_token").map(Secret::new),
+        refresh_expires_in: answer::seconds(fields, "refresh_expires_in")
+            .or_else(|| answer::seconds(fields, "refresh_token_expires_in")),
     })
 }
 

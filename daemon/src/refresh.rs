@@ -442,25 +442,17 @@ impl Refresher {
                 other.client.token_endpoint == client.token_endpoint
                     && other.client.client_id == client.client_id
                     && other.client.client_auth == client.client_auth
-                    && other
-                        .client
-                        .client_secret
-                        .as_ref()
-                        .map(token_agent_proto::Secret::expose)
-                        == client
-                            .client_secret
-                            .as_ref()
-                            .map(token_agent_proto::Secret::expose)
+                    && other.client.client_secret == client.client_secret
                     && other.state.state != SessionState::NeedsSignIn
             };
+            if !is_same_client {
+                continue;
+            }
             // A sibling whose own refresh is in flight hears the same
             // answer itself; waiting for its gate here could deadlock.
             let Ok(_gate) = sibling.gate.try_lock() else {
                 continue;
             };
-            if !is_same_client {
-                continue;
-            }
             let mut record = sibling.record().clone();
             record.next_refresh_at = None;
             set_state(

@@ -28,6 +28,7 @@
 //! assert!(matches!(request, Request::Get { min_valid_secs: 30, .. }));
 //! ```
 
+pub mod answer;
 mod frame;
 mod messages;
 mod secret;

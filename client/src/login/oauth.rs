@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::ACCEPT;
 use serde_json::{Map, Value};
-use token_agent_client::proto::{ClientAuth, Secret};
+use token_agent_client::proto::{answer, ClientAuth, Secret};
 
 /// What discovery (or the flags standing in for it) says about a provider.
 #[derive(Debug, Clone, Default)]
@@ -172,7 +172,7 @@ async fn post_form(
         .bytes()
         .await
         .map_err(|err| OAuthError::Transport(format!("answer from {endpoint} cut off: {err}")))?;
-    let fields = parse_fields(content_type.as_deref(), &body);
+    let fields = answer::fields(content_type.as_deref(), &body);
     if let Some(error) = fields.as_ref().and_then(|f| text(f, "error")) {
         return Err(OAuthError::Provider {
             error,
@@ -352,38 +352,11 @@ fn token_answer(fields: &Map<String, Value>) -> Option<Tokens> {
     })
 }
 
-/// The body's fields, from JSON or a form-encoded body.
-fn parse_fields(content_type: Option<&str>, body: &[u8]) -> Option<Map<String, Value>> {
-    let media_type = content_type
-        .and_then(|ct| ct.split(';').next())
-        .map(|mt| mt.trim().to_ascii_lowercase());
-    if media_type.as_deref() == Some("application/x-www-form-urlencoded") {
-        let fields: Map<String, Value> = url::form_urlencoded::parse(body)
-            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
-            .collect();
-        return (!fields.is_empty()).then_some(fields);
-    }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(fields)) => Some(fields),
-        _ => None,
-    }
-}
+pub use token_agent_client::proto::answer::text;
 
-pub fn text(fields: &Map<String, Value>, name: &str) -> Option<String> {
-    match fields.get(name)? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        _ => None,
-    }
-}
-
-/// Seconds as a JSON number or a numeric string (Entra sends strings).
+/// A lifetime in seconds; a negative one reads as absent.
 fn seconds(fields: &Map<String, Value>, name: &str) -> Option<u64> {
-    let value = match fields.get(name)? {
-        Value::Number(n) => n.as_f64()?,
-        Value::String(s) => s.trim().parse::<f64>().ok()?,
-        _ => return None,
-    };
-    (value >= 0.0).then_some(value as u64)
+    answer::seconds(fields, name).and_then(|s| u64::try_from(s).ok())
 }
 
 /// RFC 6749 2.3.1: Basic credentials are form-encoded before base64.
