@@ -459,7 +459,7 @@ impl Agent {
         };
 
         // Let a refresh of the old session finish before taking its name.
-        if let Some(old) = existing {
+        if let Some(old) = &existing {
             let _gate = old.gate.lock().await;
             old.mark_removed();
         }
@@ -494,10 +494,32 @@ impl Agent {
             }
             Err(mut reply) => {
                 self.forget(&session).await;
-                reply.message = format!("session {name} was not imported: {}", reply.message);
+                reply.message = match existing {
+                    Some(old) => {
+                        self.restore(&old).await;
+                        format!(
+                            "session {name} was not replaced and keeps its previous tokens: {}",
+                            reply.message
+                        )
+                    }
+                    None => format!("session {name} was not imported: {}", reply.message),
+                };
                 Err(reply)
             }
         }
+    }
+
+    /// Puts back a session whose replacement the provider refused: its
+    /// tokens were never touched, only its place in memory and the store.
+    async fn restore(&self, old: &Session) {
+        let record = old.record().clone();
+        if let Err(err) = self.refresher.store.save(&record).await {
+            warn!(session = %record.name, error = %err, "cannot store the restored session");
+        }
+        let restored = Arc::new(Session::new(record));
+        self.plan(&restored);
+        self.sessions.insert(restored);
+        info!(session = %old.name, "replacement refused; the previous session is back");
     }
 
     async fn remove(&self, name: &str) -> Result<String, ErrorReply> {

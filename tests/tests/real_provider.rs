@@ -329,3 +329,37 @@ fn an_import_with_a_wrong_client_secret_fails_alone() {
     let token = ws.tokenctl_ok(&["get", "work"]);
     assert!(provider.is_active(token.trim()));
 }
+
+#[test]
+fn a_replace_that_the_provider_refuses_keeps_the_previous_session() {
+    let provider = Provider::start(ACCESS_TTL);
+    let ws = Workspace::new();
+    let _agent = ws.start_agent(&[]);
+    ws.import(&provider, "keep", &[]);
+
+    // A replacement with a garbage refresh token is refused by the provider.
+    let garbage = ws.secret_file("garbage.rt", "not-a-refresh-token");
+    let secret = ws.secret_file("client.secret", "basic-secret");
+    let output = ws.tokenctl(&[
+        "import",
+        "keep",
+        "--replace",
+        "--issuer",
+        &provider.issuer,
+        "--client-id",
+        "agent-basic",
+        "--client-secret-file",
+        secret.to_str().unwrap(),
+        "--refresh-token-file",
+        garbage.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(5));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("keeps its previous tokens"), "{message}");
+
+    // The session that was there still refreshes and serves.
+    std::thread::sleep(Duration::from_secs(ACCESS_TTL + 1));
+    let token = ws.tokenctl_ok(&["get", "keep"]);
+    assert!(provider.is_active(token.trim()));
+    assert_no_replay(&provider);
+}
