@@ -702,12 +702,16 @@ fn print_overview(
             writeln!(out, "   {reason}")?;
         }
         let fix = match session.state {
-            SessionState::NeedsSignIn => {
-                "`tokenctl login NAME --replace` (or import a new refresh token)"
-            }
-            _ => "fix the client id or secret, then `tokenctl import NAME --replace ...`",
+            SessionState::NeedsSignIn => format!(
+                "`tokenctl login {} --replace --issuer {} --client-id {}` (or import a new refresh token)",
+                session.name, session.issuer, session.client_id
+            ),
+            _ => format!(
+                "fix the client id or secret, then `tokenctl import {} --replace ...`",
+                session.name
+            ),
         };
-        writeln!(out, "   fix: {}", fix.replace("NAME", &session.name))?;
+        writeln!(out, "   fix: {fix}")?;
         writeln!(out)?;
     }
     for session in sessions.iter().filter(|s| !needs_attention(s)) {
