@@ -91,8 +91,11 @@ impl Agent {
     /// token: at start, and when the configuration is reloaded.
     pub fn write_token_files(&self) {
         let now = now_ms();
+        if !self.refresher.has_token_files() {
+            return;
+        }
         for session in self.sessions.all() {
-            let record = session.record().clone();
+            let record = session.record();
             if record.tokens.access_token.is_some() && record.tokens.access_expires_at > now {
                 self.refresher.write_token_file(&record);
             }
@@ -129,7 +132,7 @@ impl Agent {
     }
 
     fn plan(&self, session: &Arc<Session>) {
-        let record = session.record().clone();
+        let record = session.record();
         self.refresher.plan(session, &record);
     }
 

@@ -107,6 +107,7 @@ pub async fn start_with(
         key_source: store.key_source().to_string(),
     };
     let agent = Arc::new(Agent::load(&store, refresher.clone(), policy, facts)?);
+    release_freed_memory();
 
     let owns_socket = activated.is_none();
     let listener = match activated {
@@ -166,6 +167,18 @@ pub async fn start_with(
     })
 }
 
+/// Hands the memory that loading freed back to the system. Loading reads
+/// every sealed record and sled's pages once, some hundreds of megabytes at
+/// 100,000 sessions, which glibc's allocator would otherwise keep.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages; it touches no
+    // memory in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Applies a new configuration to a running agent.
 pub struct Reloader {
     agent: Arc<Agent>,
@@ -211,7 +224,7 @@ impl Running {
     }
 
     /// Waits for `shutdown`, then lets refreshes already sent finish and be
-    /// stored, flushes the store and removes the socket.
+    /// stored, flushes and closes the store and removes the socket.
     pub async fn stopped(self) -> anyhow::Result<()> {
         let _ = self.server.await;
         systemd::notify_stopping();
@@ -223,9 +236,9 @@ impl Running {
         )
         .await;
         self.store
-            .flush()
+            .close()
             .await
-            .context("cannot flush the store at shutdown")?;
+            .context("cannot flush and close the store at shutdown")?;
         if self.owns_socket {
             let _ = std::fs::remove_file(&self.config.socket);
         }

@@ -125,7 +125,7 @@ impl Refresher {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if let Some(pending) = pending {
-            return self.write_pending(session, pending).await;
+            return self.write_pending(session, *pending).await;
         }
 
         let mut record = session.record().clone();
@@ -213,7 +213,7 @@ impl Refresher {
                 "the provider rotated the tokens but the store refused them; \
                  holding them in memory, serving nothing from them, and retrying the write"
             );
-            *session.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
+            *session.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(record));
             self.scheduler
                 .schedule(&session.name, now_ms() + self.timing().backoff_base_ms);
             return Err(store_error(&err));
@@ -512,6 +512,15 @@ impl Refresher {
     }
 
     /// Writes the session's token to its configured file, if it has one.
+    /// Whether any session has a token file configured.
+    pub fn has_token_files(&self) -> bool {
+        !self
+            .token_files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     pub fn write_token_file(&self, record: &SessionRecord) {
         let Some(token) = &record.tokens.access_token else {
             return;
@@ -590,7 +599,7 @@ impl Refresher {
         if let Some(pending) = pending {
             // The held answer's refresh token is the live one; write it
             // before presenting it.
-            self.write_pending(session, pending).await?;
+            self.write_pending(session, *pending).await?;
         }
 
         let mut record = session.record().clone();
@@ -707,7 +716,7 @@ impl Refresher {
                     "the provider rotated the refresh token but the store refused it; \
                      holding it in memory and serving nothing from the answer"
                 );
-                *session.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
+                *session.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(record));
                 self.scheduler
                     .schedule(&session.name, now_ms() + self.timing().backoff_base_ms);
                 return Err(store_error(&err));

@@ -84,10 +84,14 @@ pub struct Session {
     /// Completed refresh attempts. A caller that saw N before waiting at the
     /// gate and finds more after it joined an attempt already made.
     attempts: AtomicU64,
-    last_outcome: Mutex<Outcome>,
+    /// Boxed: most sessions never fail, and an inline error costs every
+    /// session its size.
+    last_outcome: Mutex<Result<(), Box<ErrorReply>>>,
     /// A rotated answer the store failed to take. The next attempt writes
     /// it instead of presenting the refresh token it replaced.
-    pub unsaved: Mutex<Option<SessionRecord>>,
+    /// Boxed: it is almost always empty, and an inline record costs every
+    /// session its size.
+    pub unsaved: Mutex<Option<Box<SessionRecord>>>,
     last_used: AtomicU64,
     removed: AtomicBool,
     /// Every change a watcher should hear of: a new token, a failure, the
@@ -198,11 +202,12 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+            .map_err(|err| *err)
     }
 
     /// Records an attempt's outcome; callers hold the gate.
     pub fn finish_attempt(&self, outcome: Outcome) {
-        *self.last_outcome.lock().unwrap_or_else(|e| e.into_inner()) = outcome;
+        *self.last_outcome.lock().unwrap_or_else(|e| e.into_inner()) = outcome.map_err(Box::new);
         self.attempts.fetch_add(1, Ordering::AcqRel);
     }
 

@@ -18,6 +18,15 @@
 //! index, never less, and a name in the index that the database lacks means
 //! damage: the daemon refuses to start and touches nothing.
 //!
+//! Checking a store before sled opens it costs a copy of the whole
+//! database. A clean stop skips that cost at the next start: after its last
+//! flush and once sled is closed, the agent writes `clean-stop`, the size,
+//! modification time and inode of every file of the database. A start that
+//! finds every file as that record describes it opens sled directly; any
+//! difference (a crash, a torn copy, an edit, a restore) means the full
+//! check on a copy. The record is removed once the store has passed, or
+//! skipped, the check and before sled opens; a refused store keeps it.
+//!
 //! The folder also holds `lock`, which carries an exclusive `flock` for as
 //! long as the agent runs. The kernel drops it when the process dies, so a
 //! crash leaves nothing stale, and a second agent on the same store fails at
@@ -42,6 +51,7 @@ const LAYOUT_VERSION: &[u8] = b"1";
 const KEY_CHECK_CONTEXT: &[u8] = b"token-agent store key check";
 
 const INDEX_CONTEXT: &[u8] = b"token-agent session index";
+const CLEAN_STOP_FILE: &str = "clean-stop";
 const INDEX_FILE: &str = "sessions.index";
 
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +203,9 @@ pub struct Store {
     /// concurrent flushes block every pool thread waiting for writes that no
     /// thread is left to make, and the store hangs.
     flushes: FlushQueue,
+    /// Set by [`Store::close`]: writes fail from then on instead of
+    /// reopening sled behind the clean-stop record.
+    closed: std::sync::atomic::AtomicBool,
     // Held, never read: the flock lives as long as this file is open.
     _lock: File,
 }
@@ -230,7 +243,16 @@ impl Store {
         let index = read_index(dir, &sealer)?;
 
         if db_path.exists() {
-            verify_on_a_copy(dir, &db_path, &sealer, index.as_ref())?;
+            let untouched = read_clean_stop(dir)
+                .is_some_and(|stopped| fingerprint(&db_path).is_ok_and(|now| now == stopped));
+            // The record goes before sled opens, so it never outlives the
+            // files it describes; a record that cannot go means the check.
+            if untouched && remove_clean_stop(dir) {
+                tracing::debug!("the store is as the last clean stop left it; opening it directly");
+            } else {
+                verify_on_a_copy(dir, &db_path, index.as_ref())?;
+                remove_clean_stop(dir);
+            }
         }
         let opened = open_sled(&db_path)?;
 
@@ -240,6 +262,7 @@ impl Store {
             sled: std::sync::RwLock::new(Some(opened)),
             index: std::sync::Mutex::new(index),
             flushes: FlushQueue::default(),
+            closed: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
         })
     }
@@ -255,11 +278,49 @@ impl Store {
 
     /// Every record in the store. A record that does not parse fails the
     /// whole load: starting without it would drop a session silently.
+    ///
+    /// Reading the whole tree leaves sled's cache holding a decoded copy of
+    /// every page, which the agent never reads again (it serves from memory
+    /// and only writes); so sled is closed after the load and reopened
+    /// empty-handed.
     pub fn load_all(&self) -> Result<Vec<SessionRecord>, StoreError> {
-        let (_db, tree) = self.sled()?;
-        let records = read_records(&tree, &self.sealer, &self.path)?;
+        let (db, tree) = self.sled()?;
+        let sealed = read_sealed(&tree, &self.path)?;
+        drop(tree);
+        drop(db);
+        let records = open_records(sealed, &self.sealer)?;
         self.check_index(&records)?;
+        self.release_cache()?;
         Ok(records)
+    }
+
+    /// Closes and reopens sled, dropping the pages a full read cached.
+    fn release_cache(&self) -> Result<(), StoreError> {
+        let mut slot = self.sled.write().unwrap_or_else(|e| e.into_inner());
+        drop(slot.take());
+        *slot = Some(open_sled(&self.path.join("sled"))?);
+        Ok(())
+    }
+
+    /// Flushes and closes the database and writes the clean-stop record,
+    /// so that the next start can skip the check on a copy. Writes after
+    /// this fail. A write still holding the database when the agent stops
+    /// (past the shutdown grace) changes the files after the record was
+    /// taken, which the next start sees as a difference: it then checks.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.flush().await?;
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let open = self.sled.write().unwrap_or_else(|e| e.into_inner()).take();
+        drop(open);
+        let db_path = self.path.join("sled");
+        let record = fingerprint(&db_path).map_err(|source| StoreError::Open {
+            path: db_path.clone(),
+            source,
+        })?;
+        let path = self.path.join(CLEAN_STOP_FILE);
+        write_owner_only(&path, record.as_bytes())
+            .map_err(|source| StoreError::Open { path, source })
     }
 
     /// Refuses a database that lacks a session the index names; writes the
@@ -375,6 +436,11 @@ impl Store {
     fn sled(&self) -> Result<(sled::Db, sled::Tree), StoreError> {
         if let Some(open) = &*self.sled.read().unwrap_or_else(|e| e.into_inner()) {
             return Ok(open.clone());
+        }
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Write(sled::Error::Unsupported(
+                "the store was closed for shutdown".into(),
+            )));
         }
         let mut slot = self.sled.write().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
@@ -504,43 +570,74 @@ fn open_sled(db_path: &Path) -> Result<(sled::Db, sled::Tree), StoreError> {
     Ok((db, sessions))
 }
 
-fn read_records(
+/// Every key and sealed value of the sessions tree, in key order.
+fn read_sealed(
     tree: &sled::Tree,
-    sealer: &Sealer,
     path: &Path,
-) -> Result<Vec<SessionRecord>, StoreError> {
-    let mut records = Vec::with_capacity(tree.len());
-    for entry in tree.iter() {
-        let (key, value) = entry.map_err(|source| StoreError::Damaged {
+) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
+    tree.iter()
+        .collect::<sled::Result<Vec<_>>>()
+        .map_err(|source| StoreError::Damaged {
             path: path.to_path_buf(),
             source,
-        })?;
-        let name = String::from_utf8_lossy(&key).into_owned();
-        let plain = sealer
-            .open(&key, &value)
-            .map_err(|err| StoreError::BadRecord {
-                name: name.clone(),
-                detail: err.to_string(),
-            })?;
-        let record = serde_json::from_slice(&plain).map_err(|err| StoreError::BadRecord {
-            name,
-            detail: err.to_string(),
-        })?;
-        records.push(record);
+        })
+}
+
+/// Opens and parses sealed records, on every core: at 100,000 sessions
+/// this is most of the start-up. Keeps the store's key order, and reports
+/// the first bad record in that order.
+fn open_records(
+    sealed: Vec<(sled::IVec, sled::IVec)>,
+    sealer: &Sealer,
+) -> Result<Vec<SessionRecord>, StoreError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = sealed.len().div_ceil(threads).max(256);
+    let opened: Vec<Result<Vec<SessionRecord>, StoreError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = sealed
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|(k, v)| open_record(k, v, sealer))
+                        .collect()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().expect("opening records does not panic"))
+            .collect()
+    });
+    drop(sealed);
+
+    let mut records = Vec::new();
+    for part in opened {
+        records.extend(part?);
     }
     Ok(records)
 }
 
+fn open_record(key: &[u8], sealed: &[u8], sealer: &Sealer) -> Result<SessionRecord, StoreError> {
+    let bad = |detail: String| StoreError::BadRecord {
+        name: String::from_utf8_lossy(key).into_owned(),
+        detail,
+    };
+    let plain = sealer
+        .open(key, sealed)
+        .map_err(|err| bad(err.to_string()))?;
+    serde_json::from_slice(&plain).map_err(|err| bad(err.to_string()))
+}
+
 /// sled repairs what it can when it opens, writing to its files as it
 /// goes: a truncated database file is reopened as an empty database. So the
-/// database is first opened from a copy, and its records and index checked
-/// there; a damaged store is refused before sled touches the real files.
-/// When the copy cannot be made (a full disk), the check is skipped with a
+/// database is first opened from a copy, and its keys checked against the
+/// index there; a damaged store is refused before sled touches the real
+/// files. Records are opened and parsed once, by the load after this. When
+/// the copy cannot be made (a full disk), the check is skipped with a
 /// warning and the index check at load time still catches lost sessions.
 fn verify_on_a_copy(
     dir: &Path,
     db_path: &Path,
-    sealer: &Sealer,
     index: Option<&std::collections::BTreeSet<String>>,
 ) -> Result<(), StoreError> {
     let copy = dir.join("sled.verify");
@@ -550,22 +647,90 @@ fn verify_on_a_copy(
         tracing::warn!(error = %err, "cannot copy the store to check it before opening; opening it directly");
         return Ok(());
     }
+    let damaged = |source| StoreError::Damaged {
+        path: db_path.to_path_buf(),
+        source,
+    };
     let checked = (|| {
         let (_db, tree) = open_sled(&copy).map_err(|err| match err {
-            StoreError::Damaged { source, .. } => StoreError::Damaged {
-                path: db_path.to_path_buf(),
-                source,
-            },
+            StoreError::Damaged { source, .. } => damaged(source),
             other => other,
         })?;
-        let records = read_records(&tree, sealer, dir)?;
+        let held = tree
+            .iter()
+            .keys()
+            .map(|key| key.map(|k| String::from_utf8_lossy(&k).into_owned()))
+            .collect::<sled::Result<std::collections::BTreeSet<String>>>()
+            .map_err(damaged)?;
         if let Some(names) = index {
-            missing_from(dir, names, &records)?;
+            missing_names(dir, names, |name| held.contains(name))?;
         }
         Ok(())
     })();
     let _ = fs::remove_dir_all(&copy);
     checked
+}
+
+/// What the clean-stop record holds: each file under the database folder
+/// with its size, modification time and inode, one per line, sorted.
+fn fingerprint(db_path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+
+    let mut lines = Vec::new();
+    let mut folders = vec![db_path.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in fs::read_dir(&folder)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                folders.push(entry.path());
+                continue;
+            }
+            let relative = entry.path();
+            let relative = relative.strip_prefix(db_path).unwrap_or(&relative);
+            lines.push(format!(
+                "{} {} {}.{:09} {}",
+                relative.display(),
+                meta.len(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+                meta.ino()
+            ));
+        }
+    }
+    lines.sort();
+    Ok(lines.join("\n"))
+}
+
+/// The clean-stop record, if the last stop left one.
+fn read_clean_stop(dir: &Path) -> Option<String> {
+    fs::read_to_string(dir.join(CLEAN_STOP_FILE)).ok()
+}
+
+/// Removes the clean-stop record; false if one is left behind. Not
+/// flushed: a record that comes back after a crash no longer matches files
+/// that sled has written since.
+fn remove_clean_stop(dir: &Path) -> bool {
+    let path = dir.join(CLEAN_STOP_FILE);
+    match fs::remove_file(&path) {
+        Ok(()) => true,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => true,
+        Err(err) => {
+            tracing::warn!(error = %err, path = %path.display(), "cannot remove the clean-stop record; the store is checked in full at start while it stays");
+            false
+        }
+    }
+}
+
+fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -588,10 +753,19 @@ fn missing_from(
     names: &std::collections::BTreeSet<String>,
     records: &[SessionRecord],
 ) -> Result<(), StoreError> {
-    let held: std::collections::BTreeSet<&String> = records.iter().map(|r| &r.name).collect();
+    let held: std::collections::HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
+    missing_names(dir, names, |name| held.contains(name))
+}
+
+/// Refuses a database holding fewer names than the index.
+fn missing_names(
+    dir: &Path,
+    names: &std::collections::BTreeSet<String>,
+    holds: impl Fn(&str) -> bool,
+) -> Result<(), StoreError> {
     let missing: Vec<&str> = names
         .iter()
-        .filter(|n| !held.contains(n))
+        .filter(|n| !holds(n))
         .map(|n| n.as_str())
         .collect();
     if missing.is_empty() {
@@ -723,6 +897,64 @@ pub(crate) mod tests {
             records[0].tokens.refresh_token.as_ref().unwrap().expose(),
             "rt-1"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loading_reopens_the_database_every_time() {
+        // The load closes sled and opens it again at once; sled's own
+        // threads may still hold its file lock for a moment after the
+        // close, and a reopen that lost that race failed the start.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        for i in 0..50 {
+            store.save(&record(&format!("s{i}"))).await.unwrap();
+            let loaded = store
+                .load_all()
+                .unwrap_or_else(|err| panic!("load {i}: {err}"));
+            assert_eq!(loaded.len(), i + 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_clean_close_is_recorded_and_the_record_used_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let record_path = dir.path().join(CLEAN_STOP_FILE);
+        {
+            let store = Store::open(dir.path(), None).unwrap();
+            store.save(&record("work")).await.unwrap();
+            store.close().await.unwrap();
+            assert!(
+                store.save(&record("late")).await.is_err(),
+                "a write after close must fail, not reopen sled behind the record"
+            );
+        }
+        let mode = fs::metadata(&record_path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let store = Store::open(dir.path(), None).unwrap();
+        assert!(!record_path.exists(), "the record describes one stop only");
+        let records = store.load_all().unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].name, "work");
+    }
+
+    #[tokio::test]
+    async fn a_record_that_no_longer_matches_means_the_full_check() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), None).unwrap();
+            store.save(&record("work")).await.unwrap();
+            store.close().await.unwrap();
+        }
+        let stopped = read_clean_stop(dir.path()).unwrap();
+        assert_eq!(stopped, fingerprint(&dir.path().join("sled")).unwrap());
+
+        // Any file of the database changed since: the record says so.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let conf = dir.path().join("sled/conf");
+        let bytes = fs::read(&conf).unwrap();
+        fs::write(&conf, bytes).unwrap();
+        assert_ne!(stopped, fingerprint(&dir.path().join("sled")).unwrap());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

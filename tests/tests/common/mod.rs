@@ -258,12 +258,21 @@ impl Workspace {
     /// Starts `token-agent` on this workspace's store and socket, and waits
     /// until it answers.
     pub fn start_agent(&self, extra: &[&str]) -> Agent {
-        let agent = self.spawn_agent(extra);
+        let mut agent = self.spawn_agent(extra);
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(self.socket()).is_err() {
+            // Its log says why, and the folder holding it goes with the test.
+            let log = || std::fs::read_to_string(&agent.log).unwrap_or_default();
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!(
+                    "the agent exited ({status}) before listening; its log:\n{}",
+                    log()
+                );
+            }
             assert!(
                 Instant::now() < deadline,
-                "the agent did not start listening"
+                "the agent did not start listening; its log:\n{}",
+                log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
