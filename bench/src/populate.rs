@@ -171,7 +171,7 @@ pub fn fill_store(dir: &Path, fill: Fill) -> anyhow::Result<Duration> {
                 i + 1,
             ));
         }
-        record.tokens.refresh_token = Some(Secret::new(refresh_token));
+        record.tokens.refresh_token = Some(Secret::new(refresh_token)).into();
         record.next_refresh_at = (fill.due)(i);
         let plain = serde_json::to_vec(&record)?;
         batch.insert(

@@ -20,7 +20,9 @@ use crate::refresh::{
     watch_event, Refresher, ScopedNeed, Trigger,
 };
 use crate::sessions::{now_ms, ScopedKey, Session, Sessions};
-use crate::store::{ClientConfig, SessionRecord, StateRecord, Store, StoreError, Tokens};
+use crate::store::{
+    share_client, ClientConfig, SessionRecord, StateRecord, Store, StoreError, Tokens,
+};
 
 /// How long a wrong unlock passphrase makes the caller wait, so guessing
 /// is slow.
@@ -79,7 +81,7 @@ impl Agent {
                 record.refresh_in_flight = None;
                 record.next_refresh_at = Some(now);
             }
-            let session = Arc::new(Session::new(record));
+            let session = Arc::new(Session::from_store(record));
             agent.plan(&session);
             agent.sessions.insert(session);
         }
@@ -462,8 +464,24 @@ impl Agent {
         };
 
         // Let a refresh of the old session finish before taking its name.
+        // Its refresh token is taken out of the store now, before the new
+        // session's first write replaces it, so that a refused replacement
+        // can put the old session back whole.
         if let Some(old) = &existing {
             let _gate = old.gate.lock().await;
+            let held = old.record().clone();
+            match self.refresher.token_to_present(&held) {
+                Ok(token) => old.record().tokens.refresh_token = token.into(),
+                Err(err) => {
+                    return Err(ErrorReply::new(
+                        ErrorCode::Internal,
+                        format!(
+                            "session {name} was not replaced: its current refresh token cannot \
+                             be read from the store ({err})"
+                        ),
+                    ))
+                }
+            }
             old.mark_removed();
         }
         let issued = take_issued_tokens(&mut import);
@@ -516,10 +534,14 @@ impl Agent {
     /// tokens were never touched, only its place in memory and the store.
     async fn restore(&self, old: &Session) {
         let record = old.record().clone();
-        if let Err(err) = self.refresher.store.save(&record).await {
-            warn!(session = %record.name, error = %err, "cannot store the restored session");
-        }
-        let restored = Arc::new(Session::new(record));
+        let restored = match self.refresher.store.save(&record).await {
+            Ok(()) => Session::from_store(record),
+            Err(err) => {
+                warn!(session = %record.name, error = %err, "cannot store the restored session");
+                Session::new(record)
+            }
+        };
+        let restored = Arc::new(restored);
         self.plan(&restored);
         self.sessions.insert(restored);
         info!(session = %old.name, "replacement refused; the previous session is back");
@@ -540,15 +562,20 @@ impl Agent {
         let session = self.find(name)?;
         let gate = session.gate.lock().await;
         let record = session.record().clone();
-        let revoked = match (
-            &record.tokens.refresh_token,
-            &record.client.revocation_endpoint,
-        ) {
-            (None, _) => "it held no refresh token to revoke".to_string(),
-            (Some(_), None) => "the provider has no revocation endpoint, so its refresh \
+        let refresh_token = self.refresher.token_to_present(&record);
+        let revoked = match (&refresh_token, &record.client.revocation_endpoint) {
+            (Err(err), _) => {
+                warn!(session = %name, error = %err, "cannot read the refresh token to revoke it");
+                format!(
+                    "its refresh token could not be read from the store ({err}), so it was not \
+                     revoked and stays valid at the provider until it expires"
+                )
+            }
+            (Ok(None), _) => "it held no refresh token to revoke".to_string(),
+            (Ok(Some(_)), None) => "the provider has no revocation endpoint, so its refresh \
                  token was not revoked and stays valid at the provider until it expires"
                 .to_string(),
-            (Some(token), Some(_)) => {
+            (Ok(Some(token)), Some(_)) => {
                 match self.refresher.provider.revoke(&record.client, token).await {
                     Ok(()) => "its refresh token was revoked at the provider".to_string(),
                     Err(why) => {
@@ -584,9 +611,18 @@ impl Agent {
     /// Ends a session whose lifetime is over: revokes its refresh token
     /// where the provider allows, then forgets it.
     async fn expire(&self, session: &Arc<Session>) {
+        // Under the gate, so no refresh rotates the token being revoked.
+        let gate = session.gate.lock().await;
         let record = session.record().clone();
         let revocable = record.client.revocation_endpoint.is_some();
-        if let (Some(refresh_token), true) = (&record.tokens.refresh_token, revocable) {
+        let refresh_token = match self.refresher.token_to_present(&record) {
+            Ok(token) => token,
+            Err(err) => {
+                warn!(session = %record.name, error = %err, "lifetime over; cannot read the refresh token to revoke it");
+                None
+            }
+        };
+        if let (Some(refresh_token), true) = (&refresh_token, revocable) {
             match self
                 .refresher
                 .provider
@@ -600,7 +636,8 @@ impl Agent {
                 ),
             }
         }
-        self.forget(session).await;
+        self.forget_locked(session).await;
+        drop(gate);
         info!(session = %record.name, "session removed at the end of its lifetime");
     }
 
@@ -775,7 +812,7 @@ fn new_record(import: ImportSession, endpoints: Endpoints) -> SessionRecord {
     let now = now_ms();
     SessionRecord {
         name: import.name,
-        client: ClientConfig {
+        client: share_client(ClientConfig {
             issuer: import.issuer,
             token_endpoint: endpoints.token_endpoint,
             revocation_endpoint: endpoints.revocation_endpoint,
@@ -784,9 +821,11 @@ fn new_record(import: ImportSession, endpoints: Endpoints) -> SessionRecord {
             client_auth: import.client_auth,
             scopes: import.scopes,
             grant: import.grant,
-        },
+        }),
         tokens: Tokens {
-            refresh_token: (!import.refresh_token.is_empty()).then_some(import.refresh_token),
+            refresh_token: (!import.refresh_token.is_empty())
+                .then_some(import.refresh_token)
+                .into(),
             ..Tokens::default()
         },
         generation: 0,
@@ -806,6 +845,9 @@ fn new_record(import: ImportSession, endpoints: Endpoints) -> SessionRecord {
             .lifetime_secs
             .map(|secs| now.saturating_add(secs.saturating_mul(1000))),
         created_at: now,
-        identity: import.identity.filter(|identity| !identity.is_empty()),
+        identity: import
+            .identity
+            .filter(|identity| !identity.is_empty())
+            .map(Box::new),
     }
 }

@@ -19,7 +19,8 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use token_agent_proto::{
-    ErrorCode, ErrorReply, ExpirySource, Grant, ProviderError, SessionState, TokenReply, WatchEvent,
+    ErrorCode, ErrorReply, ExpirySource, Grant, ProviderError, Secret, SessionState, TokenReply,
+    WatchEvent,
 };
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -29,7 +30,9 @@ use crate::oauth::{Answer, Answered, Provider, TokenAnswer, Transient};
 use crate::schedule::Timing;
 use crate::scheduler::Scheduler;
 use crate::sessions::{now_ms, to_ms, Outcome, ScopedKey, ScopedToken, Session, Sessions};
-use crate::store::{ClientConfig, InFlight, SessionRecord, StateRecord, Store};
+use crate::store::{
+    ClientConfig, InFlight, RefreshToken, SessionRecord, StateRecord, Store, StoreError,
+};
 use crate::token_file::TokenFile;
 
 /// Why a refresh was asked for; decides whether it is still needed once
@@ -133,9 +136,15 @@ impl Refresher {
         // session needs its refresh token.
         let refresh_token = match record.client.grant {
             Grant::ClientCredentials => None,
-            Grant::RefreshToken => match record.tokens.refresh_token.clone() {
-                Some(token) => Some(token),
-                None => return Err(reauth_error(&record)),
+            Grant::RefreshToken => match self.token_to_present(&record) {
+                Ok(Some(token)) => Some(token),
+                Ok(None) => return Err(reauth_error(&record)),
+                Err(err) => {
+                    error!(error = %err, "cannot read the refresh token from the store; not refreshing");
+                    self.scheduler
+                        .schedule(&session.name, now_ms() + self.timing().backoff_max_ms);
+                    return Err(store_error(&err));
+                }
             },
         };
 
@@ -357,7 +366,7 @@ impl Refresher {
 
         // A refused refresh token is dead; keeping it would only tempt a
         // replay. The session's settings stay for the next import.
-        record.tokens.refresh_token = None;
+        record.tokens.refresh_token = RefreshToken::None;
         record.tokens.access_token = None;
         record.refresh_in_flight = None;
         record.interrupted = false;
@@ -465,6 +474,17 @@ impl Refresher {
             self.save_or_log(&record).await;
             warn!(sibling = %sibling.name, "marked too: same client, same provider");
             self.install(&sibling, record);
+        }
+    }
+
+    /// The refresh token to present for `record`: the one it holds, or
+    /// else the one the store holds (see [`RefreshToken`]). Callers hold the
+    /// session's gate, so no refresh rotates it meanwhile.
+    pub fn token_to_present(&self, record: &SessionRecord) -> Result<Option<Secret>, StoreError> {
+        match &record.tokens.refresh_token {
+            RefreshToken::None => Ok(None),
+            RefreshToken::Held(token) => Ok(Some(token.clone())),
+            RefreshToken::AtRest => self.store.refresh_token(&record.name),
         }
     }
 
@@ -608,8 +628,13 @@ impl Refresher {
             SessionState::ClientMisconfigured => return Err(misconfigured_error(&record)),
             _ => {}
         }
-        let Some(refresh_token) = record.tokens.refresh_token.clone() else {
-            return Err(reauth_error(&record));
+        let refresh_token = match self.token_to_present(&record) {
+            Ok(Some(token)) => token,
+            Ok(None) => return Err(reauth_error(&record)),
+            Err(err) => {
+                error!(error = %err, "cannot read the refresh token from the store; not refreshing");
+                return Err(store_error(&err));
+            }
         };
 
         // The marker goes to disk before the refresh token leaves, as for
@@ -704,7 +729,7 @@ impl Refresher {
         if let Some(refresh_token) = answer.refresh_token {
             // Rotated: the session's record takes the new refresh token
             // exactly as after an ordinary refresh.
-            record.tokens.refresh_token = Some(refresh_token);
+            record.tokens.refresh_token = RefreshToken::Held(refresh_token);
             record.tokens.refresh_expires_at = match answer.refresh_expires_in {
                 Some(secs) if secs > 0 => Some(received + secs as u64 * 1000),
                 _ => None,
@@ -866,7 +891,7 @@ pub fn apply_answer(
 
     let rotated = answer.refresh_token.is_some();
     if let Some(refresh_token) = answer.refresh_token {
-        tokens.refresh_token = Some(refresh_token);
+        tokens.refresh_token = RefreshToken::Held(refresh_token);
     }
     // Zero means the refresh token does not expire. A rotated token without
     // a stated lifetime has none we know; an unrotated one keeps its own.
@@ -1061,7 +1086,10 @@ mod tests {
     fn refresh_response_without_refresh_token_keeps_previous_one() {
         let mut r = record();
         apply_answer(&mut r, answer(Some(300), None), 1_000, &Timing::default());
-        assert_eq!(r.tokens.refresh_token.unwrap().expose(), "rt-1");
+        assert_eq!(
+            r.tokens.refresh_token,
+            RefreshToken::Held(Secret::new("rt-1"))
+        );
         assert_eq!(r.tokens.access_token.unwrap().expose(), "at-2");
     }
 
@@ -1076,7 +1104,10 @@ mod tests {
         );
         assert_eq!(r.tokens.access_expires_at, 350_000);
         assert_eq!(r.tokens.expiry_source, Some(ExpirySource::Provider));
-        assert_eq!(r.tokens.refresh_token.unwrap().expose(), "rt-2");
+        assert_eq!(
+            r.tokens.refresh_token,
+            RefreshToken::Held(Secret::new("rt-2"))
+        );
     }
 
     #[test]
@@ -1140,6 +1171,9 @@ mod tests {
         a.token_type = "dpop".into();
         apply_answer(&mut r, a, 0, &Timing::default());
         assert!(r.tokens.access_token.is_none());
-        assert_eq!(r.tokens.refresh_token.unwrap().expose(), "rt-2");
+        assert_eq!(
+            r.tokens.refresh_token,
+            RefreshToken::Held(Secret::new("rt-2"))
+        );
     }
 }

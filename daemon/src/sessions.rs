@@ -109,6 +109,15 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session whose record the store already holds: its refresh token
+    /// stays there (see [`crate::store::RefreshToken`]).
+    pub fn from_store(mut record: SessionRecord) -> Session {
+        record.tokens.refresh_token.put_to_rest();
+        Session::new(record)
+    }
+
+    /// A session whose record may not be stored yet (an import): it holds
+    /// its refresh token until the first write.
     pub fn new(record: SessionRecord) -> Session {
         Session {
             name: Arc::from(record.name.as_str()),
@@ -173,7 +182,10 @@ impl Session {
         self.record.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn set_record(&self, record: SessionRecord) {
+    /// Makes `record`, which the store now holds, the current view; its
+    /// refresh token is let go of (the store has it).
+    pub fn set_record(&self, mut record: SessionRecord) {
+        record.tokens.refresh_token.put_to_rest();
         *self.record() = record;
     }
 
@@ -281,7 +293,7 @@ impl Session {
             remove_at: record.remove_at.map(seconds),
             has_refresh_token: record.tokens.refresh_token.is_some(),
             grant: record.client.grant,
-            identity: record.identity.clone(),
+            identity: record.identity.as_deref().cloned(),
         }
     }
 

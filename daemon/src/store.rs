@@ -32,10 +32,12 @@
 //! crash leaves nothing stale, and a second agent on the same store fails at
 //! once instead of refreshing the same tokens.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use token_agent_proto::{
@@ -51,6 +53,8 @@ const LAYOUT_VERSION: &[u8] = b"1";
 const KEY_CHECK_CONTEXT: &[u8] = b"token-agent store key check";
 
 const INDEX_CONTEXT: &[u8] = b"token-agent session index";
+/// How long a reopen waits for sled's own lock; see [`open_sled`].
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const CLEAN_STOP_FILE: &str = "clean-stop";
 const INDEX_FILE: &str = "sessions.index";
 
@@ -116,7 +120,10 @@ pub enum StoreError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionRecord {
     pub name: String,
-    pub client: ClientConfig,
+    /// Shared by every session of the same client ([`share_client`]):
+    /// 100,000 sessions of one client hold one copy.
+    #[serde(deserialize_with = "read_shared_client")]
+    pub client: Arc<ClientConfig>,
     pub tokens: Tokens,
     /// Counts successful refreshes; names the refresh token in use.
     pub generation: u64,
@@ -139,11 +146,50 @@ pub struct SessionRecord {
     pub created_at: u64,
     /// Who signed in, for display only.
     #[serde(default)]
-    pub identity: Option<Identity>,
+    /// Boxed: an inline `Identity` costs every session its size.
+    pub identity: Option<Box<Identity>>,
+}
+
+/// The shared copy of `config`: the one every session of the same client
+/// already uses, or `config` itself, now shared. Most agents hold many
+/// sessions of a few clients, and a copy per session costs a few hundred
+/// bytes each. Held weakly, so a client's secret leaves memory with its
+/// last session.
+pub fn share_client(config: ClientConfig) -> Arc<ClientConfig> {
+    type EndpointAndId = (String, String);
+    static SHARED: std::sync::OnceLock<
+        std::sync::Mutex<HashMap<EndpointAndId, Vec<std::sync::Weak<ClientConfig>>>>,
+    > = std::sync::OnceLock::new();
+
+    let mut shared = SHARED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let key = (config.token_endpoint.clone(), config.client_id.clone());
+    let copies = shared.entry(key).or_default();
+    copies.retain(|copy| copy.strong_count() > 0);
+    if let Some(copy) = copies
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .find(|copy| **copy == config)
+    {
+        return copy;
+    }
+    let config = Arc::new(config);
+    copies.push(Arc::downgrade(&config));
+    config
+}
+
+/// Reads a record's client configuration into its shared copy, so that
+/// the copy parsed is freed at once (see [`RefreshToken`] on holes).
+fn read_shared_client<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Arc<ClientConfig>, D::Error> {
+    ClientConfig::deserialize(deserializer).map(share_client)
 }
 
 /// Where and how to refresh.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientConfig {
     pub issuer: String,
     pub token_endpoint: String,
@@ -168,8 +214,86 @@ pub struct Tokens {
     pub expiry_source: Option<ExpirySource>,
     /// The lifetime the provider stated last, for answers that omit it.
     pub provider_lifetime_ms: Option<u64>,
-    pub refresh_token: Option<Secret>,
+    pub refresh_token: RefreshToken,
     pub refresh_expires_at: Option<u64>,
+}
+
+/// A session's refresh token as the agent holds it.
+///
+/// Refresh tokens are needed only to refresh, a few times an hour, and the
+/// store always holds the current one; so a session in memory keeps it
+/// `AtRest` and the refresher reads it from the store
+/// ([`Store::refresh_token`]) just before presenting it. 100,000 sessions
+/// then do not keep 100,000 refresh tokens in the agent's memory, where a
+/// core dump or a memory read would find them. `Held` is a token not yet
+/// known to be on disk: a new import, a rotated answer before its write,
+/// a session put back after a refused replacement.
+///
+/// Serialised as the token or `null`, like an `Option<Secret>`; a record
+/// whose token is `AtRest` is written by [`Store::save`], which keeps the
+/// stored token in it. A record read from the store has its token `AtRest`
+/// by construction: the token is skipped while parsing, never copied into
+/// memory (a copy freed after the load would leave 100,000 holes in the
+/// heap that the allocator cannot give back).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RefreshToken {
+    #[default]
+    None,
+    Held(Secret),
+    AtRest,
+}
+
+impl RefreshToken {
+    /// Whether the session has a refresh token, held or at rest.
+    pub fn is_some(&self) -> bool {
+        !matches!(self, RefreshToken::None)
+    }
+
+    /// Lets go of a held token that the store now holds.
+    pub fn put_to_rest(&mut self) {
+        if let RefreshToken::Held(_) = self {
+            *self = RefreshToken::AtRest;
+        }
+    }
+}
+
+impl From<Option<Secret>> for RefreshToken {
+    fn from(token: Option<Secret>) -> RefreshToken {
+        token.map_or(RefreshToken::None, RefreshToken::Held)
+    }
+}
+
+impl Serialize for RefreshToken {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RefreshToken::None => serializer.serialize_none(),
+            RefreshToken::Held(token) => serializer.serialize_some(token),
+            RefreshToken::AtRest => Err(serde::ser::Error::custom(
+                "a refresh token at rest is written by the store, which holds it",
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RefreshToken {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let stored = Option::<serde::de::IgnoredAny>::deserialize(deserializer)?;
+        Ok(match stored {
+            Some(_) => RefreshToken::AtRest,
+            None => RefreshToken::None,
+        })
+    }
+}
+
+/// Just the refresh token of a stored record (serde skips the rest).
+#[derive(Deserialize)]
+struct StoredRefreshToken {
+    tokens: StoredTokens,
+}
+
+#[derive(Deserialize)]
+struct StoredTokens {
+    refresh_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -350,18 +474,40 @@ impl Store {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes a record and returns once it is on disk.
+    /// Writes a record and returns once it is on disk. A record whose
+    /// refresh token is at rest keeps the one stored under its name, read
+    /// and replaced in one compare-and-swap, so a write racing a rotation
+    /// can never put an older token back.
     pub async fn save(&self, record: &SessionRecord) -> Result<(), StoreError> {
-        let plain =
-            Zeroizing::new(
-                serde_json::to_vec(record).map_err(|err| StoreError::BadRecord {
-                    name: record.name.clone(),
-                    detail: err.to_string(),
-                })?,
-            );
-        let sealed = self.sealer.seal(record.name.as_bytes(), &plain);
-        self.write(|tree| tree.insert(record.name.as_bytes(), sealed).map(drop))
+        let key = record.name.as_bytes();
+        if record.tokens.refresh_token == RefreshToken::AtRest {
+            self.write(|tree| loop {
+                let Some(stored) = tree.get(key).map_err(StoreError::Write)? else {
+                    return Err(StoreError::BadRecord {
+                        name: record.name.clone(),
+                        detail: "its refresh token is not in the store (was it removed meanwhile?)"
+                            .into(),
+                    });
+                };
+                let mut whole = record.clone();
+                whole.tokens.refresh_token = self.open_refresh_token(key, &stored)?.into();
+                let sealed = self.seal_record(&whole)?;
+                match tree.compare_and_swap(key, Some(stored), Some(sealed)) {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(_changed_meanwhile)) => continue,
+                    Err(err) => return Err(StoreError::Write(err)),
+                }
+            })
             .await?;
+        } else {
+            let sealed = self.seal_record(record)?;
+            self.write(|tree| {
+                tree.insert(key, sealed)
+                    .map(drop)
+                    .map_err(StoreError::Write)
+            })
+            .await?;
+        }
 
         // The record first, then its index entry: see the module docs.
         let mut index = self.index();
@@ -387,8 +533,12 @@ impl Store {
                 *names = without;
             }
         }
-        self.write(|tree| tree.remove(name.as_bytes()).map(drop))
-            .await
+        self.write(|tree| {
+            tree.remove(name.as_bytes())
+                .map(drop)
+                .map_err(StoreError::Write)
+        })
+        .await
     }
 
     /// Applies one change to the sessions tree and returns once it is on
@@ -396,18 +546,56 @@ impl Store {
     /// closed, to be reopened at the next write.
     async fn write(
         &self,
-        change: impl FnOnce(&sled::Tree) -> sled::Result<()>,
+        change: impl FnOnce(&sled::Tree) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let (db, tree) = self.sled()?;
         let written = match change(&tree) {
-            Ok(()) => self.flush_covering(&db).await,
+            Ok(()) => self.flush_covering(&db).await.map_err(StoreError::Write),
             Err(err) => Err(err),
         };
         drop((db, tree));
-        written.map_err(|err| {
+        if let Err(StoreError::Write(_)) = &written {
             self.reopen_after_failure();
-            StoreError::Write(err)
-        })
+        }
+        written
+    }
+
+    /// The session's current refresh token, read from disk: the one to
+    /// present next. `None` if the session has none.
+    pub fn refresh_token(&self, name: &str) -> Result<Option<Secret>, StoreError> {
+        let (_db, tree) = self.sled()?;
+        match tree.get(name.as_bytes()).map_err(StoreError::Write)? {
+            Some(stored) => self.open_refresh_token(name.as_bytes(), &stored),
+            None => Err(StoreError::BadRecord {
+                name: name.to_string(),
+                detail: "the session is not in the store".into(),
+            }),
+        }
+    }
+
+    fn open_refresh_token(&self, key: &[u8], sealed: &[u8]) -> Result<Option<Secret>, StoreError> {
+        let bad = |detail: String| StoreError::BadRecord {
+            name: String::from_utf8_lossy(key).into_owned(),
+            detail,
+        };
+        let plain = self
+            .sealer
+            .open(key, sealed)
+            .map_err(|err| bad(err.to_string()))?;
+        let stored: StoredRefreshToken =
+            serde_json::from_slice(&plain).map_err(|err| bad(err.to_string()))?;
+        Ok(stored.tokens.refresh_token)
+    }
+
+    fn seal_record(&self, record: &SessionRecord) -> Result<Vec<u8>, StoreError> {
+        let plain =
+            Zeroizing::new(
+                serde_json::to_vec(record).map_err(|err| StoreError::BadRecord {
+                    name: record.name.clone(),
+                    detail: err.to_string(),
+                })?,
+            );
+        Ok(self.sealer.seal(record.name.as_bytes(), &plain))
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
@@ -560,14 +748,31 @@ fn open_sled(db_path: &Path) -> Result<(sled::Db, sled::Tree), StoreError> {
         path: db_path.to_path_buf(),
         source,
     };
-    let db = sled::Config::new()
+    let config = sled::Config::new()
         .path(db_path)
         // Our own flushes decide durability; the timer only adds work.
-        .flush_every_ms(None)
-        .open()
-        .map_err(damaged)?;
+        .flush_every_ms(None);
+
+    // sled's background threads can hold its file lock for a moment after
+    // the database was closed, so reopening it at once (after the load, or
+    // a restart within the process) may find the lock taken. No other
+    // agent can hold it (the store's own `lock` keeps them out): wait.
+    let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+    let db = loop {
+        match config.open() {
+            Err(err) if is_lock_taken(&err) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            opened => break opened.map_err(damaged)?,
+        }
+    };
     let sessions = db.open_tree("sessions").map_err(damaged)?;
     Ok((db, sessions))
+}
+
+/// Whether sled failed to open because its file lock is taken.
+fn is_lock_taken(err: &sled::Error) -> bool {
+    matches!(err, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
 /// Every key and sealed value of the sessions tree, in key order.
@@ -847,7 +1052,7 @@ pub(crate) mod tests {
     pub(crate) fn record(name: &str) -> SessionRecord {
         SessionRecord {
             name: name.into(),
-            client: ClientConfig {
+            client: Arc::new(ClientConfig {
                 issuer: "https://id.example".into(),
                 token_endpoint: "https://id.example/token".into(),
                 revocation_endpoint: None,
@@ -856,9 +1061,9 @@ pub(crate) mod tests {
                 client_auth: ClientAuth::None,
                 scopes: vec![],
                 grant: Grant::RefreshToken,
-            },
+            }),
             tokens: Tokens {
-                refresh_token: Some(Secret::new("rt-1")),
+                refresh_token: RefreshToken::Held(Secret::new("rt-1")),
                 ..Tokens::default()
             },
             generation: 0,
@@ -894,7 +1099,7 @@ pub(crate) mod tests {
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].name, "work");
         assert_eq!(
-            records[0].tokens.refresh_token.as_ref().unwrap().expose(),
+            store.refresh_token("work").unwrap().unwrap().expose(),
             "rt-1"
         );
     }
@@ -906,13 +1111,81 @@ pub(crate) mod tests {
         // close, and a reopen that lost that race failed the start.
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), None).unwrap();
-        for i in 0..50 {
+        for i in 0..20 {
             store.save(&record(&format!("s{i}"))).await.unwrap();
             let loaded = store
                 .load_all()
                 .unwrap_or_else(|err| panic!("load {i}: {err}"));
             assert_eq!(loaded.len(), i + 1);
         }
+        // Right after a write, sled's pool threads are likeliest to hold on.
+        for i in 0..300 {
+            store.save(&record("busy")).await.unwrap();
+            store
+                .release_cache()
+                .unwrap_or_else(|err| panic!("reopen {i}: {err}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refresh_token_at_rest_stays_as_the_store_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let mut work = record("work");
+        store.save(&work).await.unwrap();
+
+        // A write of the record without its token (a state change, a
+        // marker) keeps the stored one, rotated or not.
+        work.tokens.refresh_token = RefreshToken::Held(Secret::new("rt-2"));
+        store.save(&work).await.unwrap();
+        let mut at_rest = work.clone();
+        at_rest.tokens.refresh_token.put_to_rest();
+        at_rest.generation = 7;
+        store.save(&at_rest).await.unwrap();
+        assert_eq!(
+            store.refresh_token("work").unwrap().unwrap().expose(),
+            "rt-2"
+        );
+        let loaded = store.load_all().unwrap();
+        assert_eq!(loaded[0].generation, 7);
+        assert_eq!(loaded[0].tokens.refresh_token, RefreshToken::AtRest);
+
+        // Cleared on purpose (a refused token), it stays cleared.
+        work.tokens.refresh_token = RefreshToken::None;
+        store.save(&work).await.unwrap();
+        store.save(&at_rest).await.unwrap();
+        assert_eq!(store.refresh_token("work").unwrap(), None);
+
+        // A late write of a removed session does not bring it back.
+        store.remove("work").await.unwrap();
+        assert!(store.save(&at_rest).await.is_err());
+        assert!(store.load_all().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_refresh_token_at_rest_is_never_serialised_in_place_of_the_token() {
+        let mut r = record("work");
+        r.tokens.refresh_token.put_to_rest();
+        assert!(serde_json::to_vec(&r).is_err());
+    }
+
+    #[test]
+    fn sessions_of_one_client_share_one_copy_of_its_configuration() {
+        let first = share_client((*record("a").client).clone());
+        let second = share_client((*record("b").client).clone());
+        assert!(Arc::ptr_eq(&first, &second));
+
+        // Another secret is another client, whatever else is alike.
+        let mut config = (*record("c").client).clone();
+        config.client_secret = Some(Secret::new("other"));
+        let other = share_client(config);
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_eq!(other.client_secret, Some(Secret::new("other")));
+
+        // Once its sessions are gone, nothing keeps a configuration alive.
+        let weak = Arc::downgrade(&other);
+        drop(other);
+        assert!(weak.upgrade().is_none());
     }
 
     #[tokio::test]
@@ -1010,9 +1283,9 @@ pub(crate) mod tests {
         {
             let store = Store::open(dir.path(), None).unwrap();
             let mut r = record("work");
-            r.tokens.refresh_token = Some(Secret::new("rt-plaintext-canary"));
+            r.tokens.refresh_token = RefreshToken::Held(Secret::new("rt-plaintext-canary"));
             r.tokens.access_token = Some(Secret::new("at-plaintext-canary"));
-            r.client.client_secret = Some(Secret::new("cs-plaintext-canary"));
+            Arc::make_mut(&mut r.client).client_secret = Some(Secret::new("cs-plaintext-canary"));
             store.save(&r).await.unwrap();
         }
         for entry in walk(dir.path()) {

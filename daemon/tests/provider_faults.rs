@@ -17,6 +17,7 @@ use common::{now_secs, session, test_timing, wait_until, Daemon, FakeIdp, Reply}
 use serde_json::json;
 use tempfile::TempDir;
 use token_agent::schedule::Timing;
+use token_agent::store::RefreshToken;
 use token_agent_client::proto::{ClientAuth, ErrorCode, ErrorReply, ExpirySource, SessionState};
 use token_agent_client::{Client, ClientError};
 
@@ -188,12 +189,28 @@ async fn refresh_response_without_refresh_token_keeps_previous_one() {
         .expect("refresh with the kept token");
     assert_eq!(daemon.token("s1").await, "at-3");
     assert_eq!(fake.presented(), ["rt-1", "rt-2", "rt-2"]);
+    // The refresh token lives in the store only; memory holds the
+    // access token.
+    let held = |daemon: &Daemon| {
+        let session = daemon.running().agent.sessions.get("s1").unwrap();
+        let token = session.record().tokens.refresh_token.clone();
+        token
+    };
+    assert_eq!(held(&daemon), RefreshToken::AtRest);
 
     // client_secret_post: the credentials travel in the form.
     let first = &fake.posts()[0];
     assert_eq!(first.form_value("client_id"), Some("cli"));
     assert_eq!(first.form_value("client_secret"), Some("s"));
     assert_eq!(first.authorization, None);
+
+    // After a restart the rotated token is read from the store as well.
+    daemon.stop().await;
+    let daemon = Daemon::start(dir.path(), test_timing()).await;
+    assert_eq!(held(&daemon), RefreshToken::AtRest);
+    fake.then(Reply::tokens("at-4", None, Some(300)));
+    daemon.refresh("s1").await.expect("refresh after a restart");
+    assert_eq!(fake.presented(), ["rt-1", "rt-2", "rt-2", "rt-3"]);
     daemon.stop().await;
 }
 

@@ -30,7 +30,12 @@ fn stage_refresh_in_flight(ws: &Workspace, name: &str) -> String {
         started_at: 0,
     });
     runtime.block_on(store.save(&record)).unwrap();
-    record.tokens.refresh_token.unwrap().expose().to_string()
+    store
+        .refresh_token(name)
+        .unwrap()
+        .expect("the session has a refresh token")
+        .expose()
+        .to_string()
 }
 
 #[test]

@@ -41,7 +41,12 @@ fn stored_refresh_tokens(ws: &Workspace) -> Vec<String> {
         .load_all()
         .unwrap()
         .into_iter()
-        .filter_map(|r| r.tokens.refresh_token.map(|t| t.expose().to_string()))
+        .filter_map(|r| {
+            store
+                .refresh_token(&r.name)
+                .unwrap()
+                .map(|t| t.expose().to_string())
+        })
         .collect()
 }
 
