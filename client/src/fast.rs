@@ -41,14 +41,13 @@ fn main() -> ExitCode {
 }
 
 /// Execs `tokenctl-full` with the same arguments, `argv[0]` included (clap
-/// names the program in its messages after it).
+/// names the program in its messages after it). It is looked for beside
+/// this binary's real file (symbolic links resolved), else on `PATH` when
+/// that file cannot be known (no `/proc`).
 fn hand_over(args: &[OsString]) -> ExitCode {
     let full = match std::env::current_exe() {
         Ok(exe) => exe.with_file_name(FULL),
-        Err(err) => {
-            eprintln!("tokenctl: cannot find where tokenctl is installed: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(_) => PathBuf::from(FULL),
     };
     let mut command = std::process::Command::new(&full);
     if let Some((name, rest)) = args.split_first() {
@@ -56,7 +55,8 @@ fn hand_over(args: &[OsString]) -> ExitCode {
     }
     let err = command.exec();
     eprintln!(
-        "tokenctl: cannot run {} (installed beside tokenctl, it answers every command but `get`): {err}",
+        "tokenctl: cannot run {}: {err}; it answers every command but `get` and is \
+         installed beside tokenctl (`cargo install --path client` installs both)",
         full.display()
     );
     ExitCode::FAILURE

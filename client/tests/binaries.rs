@@ -67,3 +67,34 @@ fn other_commands_are_handed_to_the_full_command_line() {
     let ping = tokenctl(&["ping"]);
     assert_eq!(ping.status.code(), Some(3));
 }
+
+#[test]
+fn tokenctl_finds_tokenctl_full_beside_its_real_file() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // Through a symbolic link elsewhere, the real file's folder counts.
+    let link = dir.path().join("linked-tokenctl");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_tokenctl"), &link).unwrap();
+    let version = Command::new(&link).arg("--version").output().unwrap();
+    assert!(version.status.success(), "{}", text(&version.stderr));
+    assert!(text(&version.stdout).starts_with("tokenctl "));
+
+    // A copy alone cannot hand over, and says what is missing.
+    let alone = dir.path().join("tokenctl");
+    std::fs::copy(env!("CARGO_BIN_EXE_tokenctl"), &alone).unwrap();
+    let list = Command::new(&alone)
+        .arg("list")
+        .env("TOKEN_AGENT_SOCK", "/nonexistent/token-agent.sock")
+        .output()
+        .unwrap();
+    assert_eq!(list.status.code(), Some(1));
+    let stderr = text(&list.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot run {}",
+            dir.path().join("tokenctl-full").display()
+        )),
+        "{stderr}"
+    );
+    assert!(list.stdout.is_empty());
+}
