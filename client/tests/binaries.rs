@@ -79,9 +79,16 @@ fn tokenctl_finds_tokenctl_full_beside_its_real_file() {
     assert!(version.status.success(), "{}", text(&version.stderr));
     assert!(text(&version.stdout).starts_with("tokenctl "));
 
-    // A copy alone cannot hand over, and says what is missing.
+    // A copy alone cannot hand over, and says what is missing. A hard
+    // link, not a copy: writing an executable here while another test
+    // forks could leave it busy (ETXTBSY) when run. Beside the binary, so
+    // on the same file system.
+    let target = std::path::Path::new(env!("CARGO_BIN_EXE_tokenctl"))
+        .parent()
+        .unwrap();
+    let dir = tempfile::tempdir_in(target).unwrap();
     let alone = dir.path().join("tokenctl");
-    std::fs::copy(env!("CARGO_BIN_EXE_tokenctl"), &alone).unwrap();
+    std::fs::hard_link(env!("CARGO_BIN_EXE_tokenctl"), &alone).unwrap();
     let list = Command::new(&alone)
         .arg("list")
         .env("TOKEN_AGENT_SOCK", "/nonexistent/token-agent.sock")
