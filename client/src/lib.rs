@@ -74,9 +74,9 @@ use std::time::Duration;
 
 pub use token_agent_proto as proto;
 use token_agent_proto::{
-    read_frame, write_frame, AgentInfo, ErrorCode, ErrorReply, FrameError, ImportSession, Request,
-    Response, Secret, SessionStatus, TokenReply, WatchEvent, MAX_REQUEST_LEN, MAX_RESPONSE_LEN,
-    PROTOCOL_VERSION,
+    encode_frame, read_frame, write_frame, AgentInfo, ErrorCode, ErrorReply, FrameError,
+    ImportSession, Request, Response, Secret, SessionStatus, TokenReply, WatchEvent,
+    MAX_REQUEST_LEN, MAX_RESPONSE_LEN, PROTOCOL_VERSION,
 };
 
 /// How long a request may take by default. A `get` can wait for a refresh,
@@ -312,6 +312,62 @@ impl Client {
         match answer {
             Response::Error(reply) => Err(ClientError::Agent(reply)),
             response => Ok(response),
+        }
+    }
+
+    /// Connects, agrees on the protocol version and gets one token, in one
+    /// round trip: the `hello` and the `get` go out in a single write and
+    /// their answers come back in order. For one-shot callers such as
+    /// `tokenctl get`; the connection is closed afterwards. An agent that
+    /// refuses the connection answers the `hello` with the error, which is
+    /// returned, and ignores the `get`.
+    pub fn get_once(
+        path: &Path,
+        name: &str,
+        options: &TokenOptions,
+    ) -> Result<TokenReply, ClientError> {
+        use std::io::Write;
+
+        let mut client = Client {
+            stream: open(path)?,
+            path: path.to_path_buf(),
+            timeout: DEFAULT_TIMEOUT,
+            broken: false,
+        };
+        client.set_timeout(DEFAULT_TIMEOUT)?;
+        let hello = Request::Hello {
+            version: PROTOCOL_VERSION,
+        };
+        let mut frames = encode_frame(&hello, MAX_REQUEST_LEN)?;
+        frames.extend(encode_frame(&options.request(name), MAX_REQUEST_LEN)?);
+        let written = (&client.stream).write_all(&frames);
+        // Both answers are small: read them in as few calls as may be.
+        let mut answers = std::io::BufReader::with_capacity(8192, &client.stream);
+        // An agent that refuses us may close before our write lands; its
+        // error frame is still worth more than the broken pipe.
+        match (written, read_frame(&mut answers, MAX_RESPONSE_LEN)) {
+            (_, Ok(Response::Hello { .. })) => {}
+            (_, Ok(Response::Error(reply))) => return Err(ClientError::Agent(reply)),
+            (_, Ok(other)) => return Err(unexpected(other)),
+            (Err(err), Err(_)) => return Err(FrameError::Io(err).into()),
+            (Ok(()), Err(err)) => return Err(err.into()),
+        }
+        let answer = read_frame(&mut answers, MAX_RESPONSE_LEN);
+        drop(answers);
+        match answer {
+            Ok(Response::Token(token)) => options.check(token),
+            Ok(Response::Error(reply)) => Err(ClientError::Agent(reply)),
+            Ok(other) => Err(unexpected(other)),
+            // As in `request`: an agent that restarted in between closed
+            // the connection; ask once more on a new one.
+            Err(_) if client.is_closed() => {
+                client.reopen()?;
+                match client.exchange(&options.request(name))? {
+                    Response::Token(token) => options.check(token),
+                    other => Err(unexpected(other)),
+                }
+            }
+            Err(err) => Err(err.into()),
         }
     }
 

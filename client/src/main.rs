@@ -1,4 +1,9 @@
-//! tokenctl: the command line for token-agent.
+//! tokenctl-full: the command line for token-agent, every subcommand.
+//!
+//! Installed beside the small `tokenctl` (src/fast.rs), which answers the hot
+//! `tokenctl get NAME` itself and execs this binary, under the name it was
+//! called by, for everything else. Users call `tokenctl`; this binary behaves
+//! the same when called directly.
 //!
 //! Exit codes, so scripts can tell the cases apart:
 //! 0 done; 1 any other error; 2 bad usage; 3 no agent running;
@@ -7,19 +12,20 @@
 //! 7 the provider refuses the client configuration; 8 the agent is locked;
 //! 9 permission denied (another user, a session rule, a wrong passphrase).
 
+mod get;
 mod login;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use get::{failure, now, Failure};
 use token_agent_client::proto::{
-    AgentInfo, ClientAuth, ErrorCode, ExpirySource, Grant, ImportSession, Secret, SessionState,
-    SessionStatus, TokenReply,
+    AgentInfo, ClientAuth, ExpirySource, Grant, ImportSession, Secret, SessionState, SessionStatus,
 };
-use token_agent_client::{default_socket_path, Client, ClientError, TokenOptions};
+use token_agent_client::{default_socket_path, Client, TokenOptions};
 
 mod consumers;
 
@@ -165,6 +171,16 @@ enum Format {
     Header,
 }
 
+impl From<Format> for get::Format {
+    fn from(format: Format) -> get::Format {
+        match format {
+            Format::Raw => get::Format::Raw,
+            Format::Json => get::Format::Json,
+            Format::Header => get::Format::Header,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum WatchFormat {
     Raw,
@@ -232,54 +248,21 @@ fn main() -> ExitCode {
     }
 }
 
-struct Failure {
-    message: String,
-    exit_code: u8,
-}
-
-impl From<ClientError> for Failure {
-    fn from(err: ClientError) -> Self {
-        let exit_code = match &err {
-            ClientError::NoAgent { .. } => 3,
-            ClientError::Agent(reply) => match reply.code {
-                ErrorCode::NoSuchSession => 4,
-                ErrorCode::ReauthRequired => 5,
-                ErrorCode::TemporarilyUnavailable => 6,
-                ErrorCode::ClientMisconfigured => 7,
-                ErrorCode::Locked => 8,
-                ErrorCode::PermissionDenied => 9,
-                _ => 1,
-            },
-            ClientError::Protocol(_) => 1,
-        };
-        let mut message = err.to_string();
-        if let ClientError::Agent(reply) = &err {
-            if let Some(provider) = &reply.provider_error {
-                message.push_str(&format!("\n  provider error: {}", provider.error));
-                if let Some(description) = &provider.description {
-                    message.push_str(&format!(" ({description})"));
-                }
-                if !provider.codes.is_empty() {
-                    message.push_str(&format!(" [{}]", provider.codes.join(", ")));
-                }
-            }
-        }
-        Failure { message, exit_code }
-    }
-}
-
-fn failure(message: String) -> Failure {
-    Failure {
-        message,
-        exit_code: 1,
-    }
-}
-
 fn run(cli: Cli) -> Result<(), Failure> {
     let socket = match cli.socket {
         Some(path) => path,
         None => default_socket_path(),
     };
+    // The hot path, shared with the fast `tokenctl`: one round trip.
+    if let Command::Get {
+        name,
+        token,
+        format,
+    } = &cli.command
+    {
+        return get::get(&socket, name, &token.options(), (*format).into());
+    }
+
     let mut out = std::io::stdout().lock();
 
     // What needs no agent.
@@ -360,14 +343,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
 
     let printed = match cli.command {
-        Command::Get {
-            name,
-            token,
-            format,
-        } => {
-            let token = agent.get_with(&name, &token.options())?;
-            print_token(&mut out, &token, format)
-        }
+        Command::Get { .. } => unreachable!("answered above"),
         Command::Login(_) => unreachable!("handled above"),
         Command::Logout { name } => writeln!(out, "{}", agent.logout(&name)?),
         Command::Exec {
@@ -546,13 +522,6 @@ fn parse_seconds_or_duration(text: &str) -> Result<Duration, String> {
         .map_err(|err| format!("{err}; write a duration such as 30s, 5m or 1h"))
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// "4m 10s", "2h 5m", "3d 4h": the two largest units.
 fn human(seconds: u64) -> String {
     let units = [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)];
@@ -595,24 +564,6 @@ fn expiry_words(session: &SessionStatus) -> String {
         Some(at) if at > now() => format!("expires {}", relative(at)),
         Some(at) => format!("expired {}", relative(at)),
         None => "no token".into(),
-    }
-}
-
-fn print_token(out: &mut impl Write, token: &TokenReply, format: Format) -> std::io::Result<()> {
-    let secret = token.access_token.expose();
-    match format {
-        Format::Raw => writeln!(out, "{secret}"),
-        Format::Header => writeln!(out, "Authorization: Bearer {secret}"),
-        Format::Json => {
-            let json = serde_json::json!({
-                "access_token": secret,
-                "token_type": token.token_type,
-                "expires_at": token.expires_at,
-                "expires_in": token.expires_at.saturating_sub(now()),
-            });
-            serde_json::to_writer(&mut *out, &json)?;
-            writeln!(out)
-        }
     }
 }
 

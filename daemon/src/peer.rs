@@ -2,13 +2,18 @@
 //! take a session's token.
 //!
 //! The kernel vouches for the uid, gid and pid (`SO_PEERCRED`); the
-//! executable path and systemd unit are read from `/proc` for that pid. The
+//! executable path and systemd unit are read from `/proc` for that pid, at
+//! connection time when the policy has session rules, else only when a rule
+//! added since (a configuration reload) first asks for them: most agents have
+//! no rules, and two `/proc` reads per connection are a measurable part of a
+//! one-shot `tokenctl get`. The
 //! uid check is a boundary between users. The executable and unit rules are
 //! not a boundary against a hostile process of the same user (it can run a
 //! listed executable, or ptrace one); they narrow mistakes and casual misuse.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use tokio::net::UnixStream;
 
@@ -20,22 +25,45 @@ pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
-    pub exe: Option<PathBuf>,
-    pub unit: Option<String>,
+    /// Read from `/proc` once, on first use (see [`Caller::exe`]).
+    exe: OnceLock<Option<PathBuf>>,
+    unit: OnceLock<Option<String>>,
 }
 
 impl Caller {
-    /// Reads the peer's credentials from a connected stream.
-    pub fn of(stream: &UnixStream) -> std::io::Result<Caller> {
+    /// Reads the peer's credentials from a connected stream. With `identify`,
+    /// its executable and unit are read now; otherwise on first use.
+    pub fn of(stream: &UnixStream, identify: bool) -> std::io::Result<Caller> {
         let cred = stream.peer_cred()?;
-        let pid = cred.pid();
-        Ok(Caller {
+        let caller = Caller {
             uid: cred.uid(),
             gid: cred.gid(),
-            pid,
-            exe: pid.and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok()),
-            unit: pid.and_then(systemd_unit),
-        })
+            pid: cred.pid(),
+            exe: OnceLock::new(),
+            unit: OnceLock::new(),
+        };
+        if identify {
+            caller.exe();
+            caller.unit();
+        }
+        Ok(caller)
+    }
+
+    /// The peer's executable (`/proc/PID/exe`), when it can be read.
+    pub fn exe(&self) -> Option<&Path> {
+        self.exe
+            .get_or_init(|| {
+                self.pid
+                    .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
+            })
+            .as_deref()
+    }
+
+    /// The innermost systemd service or scope the peer runs in.
+    pub fn unit(&self) -> Option<&str> {
+        self.unit
+            .get_or_init(|| self.pid.and_then(systemd_unit))
+            .as_deref()
     }
 }
 
@@ -85,6 +113,14 @@ impl AccessPolicy {
         }
     }
 
+    /// Whether any session lists executables or units, so that callers
+    /// need identifying.
+    pub fn has_session_rules(&self) -> bool {
+        self.sessions
+            .values()
+            .any(|rules| !rules.allowed_executables.is_empty() || !rules.allowed_units.is_empty())
+    }
+
     /// The agent's own uid and root always; others when listed.
     pub fn may_connect(&self, caller: &Caller) -> bool {
         caller.uid == self.own_uid
@@ -102,15 +138,14 @@ impl AccessPolicy {
         if rules.allowed_executables.is_empty() && rules.allowed_units.is_empty() {
             return Ok(());
         }
-        let exe_listed = caller.exe.as_ref().is_some_and(|exe| {
+        let exe_listed = caller.exe().is_some_and(|exe| {
             rules
                 .allowed_executables
                 .iter()
                 .any(|allowed| allowed == exe)
         });
         let unit_listed = caller
-            .unit
-            .as_ref()
+            .unit()
             .is_some_and(|unit| rules.allowed_units.iter().any(|allowed| allowed == unit));
         if exe_listed || unit_listed {
             return Ok(());
@@ -119,12 +154,11 @@ impl AccessPolicy {
             "session {name} is not served to {} (unit {}); the configuration's [sessions.{name}] \
              lists who may take it",
             caller
-                .exe
-                .as_ref()
+                .exe()
                 .map_or("an unknown executable".into(), |exe| exe
                     .display()
                     .to_string()),
-            caller.unit.as_deref().unwrap_or("none"),
+            caller.unit().unwrap_or("none"),
         ))
     }
 }
@@ -138,8 +172,8 @@ mod tests {
             uid,
             gid,
             pid: Some(1),
-            exe: Some(PathBuf::from(exe)),
-            unit: unit.map(str::to_string),
+            exe: OnceLock::from(Some(PathBuf::from(exe))),
+            unit: OnceLock::from(unit.map(str::to_string)),
         }
     }
 

@@ -141,7 +141,9 @@ pub async fn serve(
 }
 
 async fn handle_connection(stream: UnixStream, agent: Arc<Agent>, shutdown: CancellationToken) {
-    let caller = match Caller::of(&stream) {
+    // The executable and unit are read now only when a session rule will
+    // want them; otherwise when first asked for (a rule added by a reload).
+    let caller = match Caller::of(&stream, agent.policy().has_session_rules()) {
         Ok(caller) => caller,
         Err(err) => {
             warn!(error = %err, "cannot read the peer's credentials; closing");
@@ -151,8 +153,8 @@ async fn handle_connection(stream: UnixStream, agent: Arc<Agent>, shutdown: Canc
     debug!(
         uid = caller.uid,
         pid = ?caller.pid,
-        exe = ?caller.exe,
-        unit = ?caller.unit,
+        exe = ?caller.exe(),
+        unit = ?caller.unit(),
         "client connected"
     );
     let (read_half, write_half) = stream.into_split();
@@ -341,7 +343,7 @@ fn refuse(caller: &Caller) -> Response {
     warn!(
         uid = caller.uid,
         pid = ?caller.pid,
-        exe = ?caller.exe,
+        exe = ?caller.exe(),
         "refused a connection from another user; allow it with [access] in the configuration"
     );
     Response::Error(ErrorReply::new(

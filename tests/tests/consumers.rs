@@ -55,6 +55,52 @@ fn get_prints_the_token_raw_as_json_and_as_a_header() {
 }
 
 #[test]
+fn tokenctl_and_tokenctl_full_answer_get_alike() {
+    let provider = Provider::start(ACCESS_TTL);
+    let (ws, _agent) = started(&provider, &[]);
+    let run = |binary_name: &str, args: &[&str]| {
+        Command::new(binary(binary_name))
+            .env("TOKEN_AGENT_SOCK", ws.socket())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    for args in [
+        &["get", "work"][..],
+        &["get", "work", "--format", "header", "--min-valid", "5s"],
+        // Handed over by tokenctl: a duration it leaves to clap.
+        &["get", "work", "--min-valid", "1m 30s"],
+        &["get", "absent"],
+    ] {
+        let fast = run("tokenctl", args);
+        let full = run("tokenctl-full", args);
+        assert_eq!(fast.status.code(), full.status.code(), "{args:?}");
+        assert_eq!(fast.stdout, full.stdout, "{args:?}");
+        assert_eq!(fast.stderr, full.stderr, "{args:?}");
+    }
+    assert_eq!(run("tokenctl", &["get", "absent"]).status.code(), Some(4));
+    let token = String::from_utf8(run("tokenctl", &["get", "work"]).stdout).unwrap();
+    assert!(provider.is_active(token.trim()));
+
+    // JSON: the same fields, though expires_in may tick between the two.
+    let json = |binary_name: &str| -> Value {
+        let out = run(binary_name, &["get", "work", "--format=json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (fast, full) = (json("tokenctl"), json("tokenctl-full"));
+    for field in ["access_token", "token_type", "expires_at"] {
+        assert_eq!(fast[field], full[field], "{field}");
+    }
+    assert_eq!(fast["access_token"].as_str(), Some(token.trim()));
+}
+
+#[test]
 fn exec_hands_the_token_to_the_command_and_passes_its_exit_code_through() {
     let provider = Provider::start(ACCESS_TTL);
     let (ws, _agent) = started(&provider, &[]);
