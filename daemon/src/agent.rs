@@ -68,7 +68,7 @@ impl Agent {
         };
 
         let now = now_ms();
-        for mut record in store.load_all()? {
+        store.load_each(|mut record| {
             if record.refresh_in_flight.is_some() {
                 // The provider may have rotated the refresh token in an
                 // answer that died with the last agent. Try the one we
@@ -84,7 +84,7 @@ impl Agent {
             let session = Arc::new(Session::from_store(record));
             agent.plan(&session);
             agent.sessions.insert(session);
-        }
+        })?;
         agent.write_token_files();
         Ok(agent)
     }

@@ -53,6 +53,8 @@ const LAYOUT_VERSION: &[u8] = b"1";
 const KEY_CHECK_CONTEXT: &[u8] = b"token-agent store key check";
 
 const INDEX_CONTEXT: &[u8] = b"token-agent session index";
+/// Records per batch handed from the reader to the workers at load.
+const LOAD_BATCH: usize = 512;
 /// How long a reopen waits for sled's own lock; see [`open_sled`].
 const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const CLEAN_STOP_FILE: &str = "clean-stop";
@@ -400,22 +402,96 @@ impl Store {
         &self.path
     }
 
-    /// Every record in the store. A record that does not parse fails the
-    /// whole load: starting without it would drop a session silently.
+    /// Every record in the store, in key order. A record that does not
+    /// parse fails the whole load: starting without it would drop a
+    /// session silently.
+    pub fn load_all(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        let mut records = Vec::new();
+        self.load_each(|record| records.push(record))?;
+        records.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(records)
+    }
+
+    /// Hands every record in the store to `each`, in no set order, on the
+    /// calling thread, as they are opened. Fails as [`Store::load_all`]
+    /// does; `each` may have had some records by then.
+    ///
+    /// At 100,000 sessions this is most of the start-up, so it runs as a
+    /// pipeline: one thread reads sealed records from sled and checks their
+    /// names against the index, a worker per core opens and parses them,
+    /// and the caller builds its sessions from them meanwhile.
     ///
     /// Reading the whole tree leaves sled's cache holding a decoded copy of
     /// every page, which the agent never reads again (it serves from memory
     /// and only writes); so sled is closed after the load and reopened
     /// empty-handed.
-    pub fn load_all(&self) -> Result<Vec<SessionRecord>, StoreError> {
+    pub fn load_each(&self, mut each: impl FnMut(SessionRecord)) -> Result<(), StoreError> {
+        use std::sync::mpsc::sync_channel;
+
         let (db, tree) = self.sled()?;
-        let sealed = read_sealed(&tree, &self.path)?;
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (sealed_out, sealed_in) = sync_channel::<Vec<(sled::IVec, sled::IVec)>>(workers * 2);
+        let (opened_out, opened_in) = sync_channel(workers * 2);
+        let sealed_in = std::sync::Mutex::new(sealed_in);
+        let (names, opened) = std::thread::scope(|scope| {
+            for _ in 0..workers {
+                let (sealed_in, opened_out) = (&sealed_in, opened_out.clone());
+                scope.spawn(move || loop {
+                    let batch = sealed_in.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok(batch) = batch else { return };
+                    let records: Result<Vec<SessionRecord>, StoreError> = batch
+                        .iter()
+                        .map(|(key, sealed)| open_record(key, sealed, &self.sealer))
+                        .collect();
+                    if opened_out.send(records).is_err() {
+                        return;
+                    }
+                });
+            }
+            drop(opened_out);
+
+            let tree = &tree;
+            let reader = scope.spawn(move || {
+                let mut names = std::collections::BTreeSet::new();
+                let mut batch = Vec::with_capacity(LOAD_BATCH);
+                for entry in tree.iter() {
+                    let (key, sealed) = entry.map_err(|source| StoreError::Damaged {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                    names.insert(String::from_utf8_lossy(&key).into_owned());
+                    batch.push((key, sealed));
+                    if batch.len() == LOAD_BATCH {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(LOAD_BATCH));
+                        if sealed_out.send(full).is_err() {
+                            break;
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    let _ = sealed_out.send(batch);
+                }
+                Ok::<_, StoreError>(names)
+            });
+
+            let mut opened = Ok(());
+            for records in opened_in {
+                match records {
+                    Ok(records) if opened.is_ok() => records.into_iter().for_each(&mut each),
+                    Ok(_) => {}
+                    Err(err) => opened = opened.and(Err(err)),
+                }
+            }
+            let names = reader.join().expect("reading the store does not panic");
+            (names, opened)
+        });
         drop(tree);
         drop(db);
-        let records = open_records(sealed, &self.sealer)?;
-        self.check_index(&records)?;
-        self.release_cache()?;
-        Ok(records)
+
+        let names = names?;
+        opened?;
+        self.check_index(names)?;
+        self.release_cache()
     }
 
     /// Closes and reopens sled, dropping the pages a full read cached.
@@ -449,13 +525,11 @@ impl Store {
 
     /// Refuses a database that lacks a session the index names; writes the
     /// index when the store has none yet.
-    fn check_index(&self, records: &[SessionRecord]) -> Result<(), StoreError> {
-        let held: std::collections::BTreeSet<String> =
-            records.iter().map(|r| r.name.clone()).collect();
+    fn check_index(&self, held: std::collections::BTreeSet<String>) -> Result<(), StoreError> {
         let mut index = self.index();
         match &*index {
             Some(names) => {
-                missing_from(&self.path, names, records)?;
+                missing_names(&self.path, names, |name| held.contains(name))?;
                 if held.len() > names.len() {
                     // A crash between a new record and its index entry.
                     write_index(&self.path, &self.sealer, &held)?;
@@ -775,53 +849,6 @@ fn is_lock_taken(err: &sled::Error) -> bool {
     matches!(err, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
-/// Every key and sealed value of the sessions tree, in key order.
-fn read_sealed(
-    tree: &sled::Tree,
-    path: &Path,
-) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
-    tree.iter()
-        .collect::<sled::Result<Vec<_>>>()
-        .map_err(|source| StoreError::Damaged {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-/// Opens and parses sealed records, on every core: at 100,000 sessions
-/// this is most of the start-up. Keeps the store's key order, and reports
-/// the first bad record in that order.
-fn open_records(
-    sealed: Vec<(sled::IVec, sled::IVec)>,
-    sealer: &Sealer,
-) -> Result<Vec<SessionRecord>, StoreError> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = sealed.len().div_ceil(threads).max(256);
-    let opened: Vec<Result<Vec<SessionRecord>, StoreError>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = sealed
-            .chunks(chunk)
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|(k, v)| open_record(k, v, sealer))
-                        .collect()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|worker| worker.join().expect("opening records does not panic"))
-            .collect()
-    });
-    drop(sealed);
-
-    let mut records = Vec::new();
-    for part in opened {
-        records.extend(part?);
-    }
-    Ok(records)
-}
-
 fn open_record(key: &[u8], sealed: &[u8], sealer: &Sealer) -> Result<SessionRecord, StoreError> {
     let bad = |detail: String| StoreError::BadRecord {
         name: String::from_utf8_lossy(key).into_owned(),
@@ -950,16 +977,6 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Refuses records that lack a name the index holds.
-fn missing_from(
-    dir: &Path,
-    names: &std::collections::BTreeSet<String>,
-    records: &[SessionRecord],
-) -> Result<(), StoreError> {
-    let held: std::collections::HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
-    missing_names(dir, names, |name| held.contains(name))
 }
 
 /// Refuses a database holding fewer names than the index.
@@ -1186,6 +1203,41 @@ pub(crate) mod tests {
         let weak = Arc::downgrade(&other);
         drop(other);
         assert!(weak.upgrade().is_none());
+    }
+
+    #[test]
+    fn a_load_of_many_batches_hands_over_every_record_or_fails_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let (_db, tree) = store.sled().unwrap();
+        let count = LOAD_BATCH * 3 + 7;
+        for i in 0..count {
+            let mut r = record(&format!("s{i:05}"));
+            r.generation = i as u64;
+            tree.insert(r.name.as_bytes(), store.seal_record(&r).unwrap())
+                .unwrap();
+        }
+        // The load closes and reopens sled: no handle may stay open.
+        drop((_db, tree));
+        let loaded = store.load_all().unwrap();
+        assert_eq!(loaded.len(), count);
+        assert!(loaded
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.name == format!("s{i:05}") && r.generation == i as u64));
+
+        // One record that does not open, deep in a later batch, fails it all.
+        let (_db, tree) = store.sled().unwrap();
+        tree.insert("s01200", b"not a sealed record".as_slice())
+            .unwrap();
+        drop((_db, tree));
+        match store.load_all() {
+            Err(StoreError::BadRecord { name, .. }) => assert_eq!(name, "s01200"),
+            other => panic!(
+                "expected the bad record named, got {:?}",
+                other.map(|r| r.len())
+            ),
+        }
     }
 
     #[tokio::test]
