@@ -927,7 +927,7 @@ fn set_state(
         state,
         since: now,
         reason,
-        provider_error,
+        provider_error: provider_error.map(Box::new),
     };
 }
 
@@ -955,7 +955,7 @@ pub fn reauth_error(record: &SessionRecord) -> ErrorReply {
             client = record.client.client_id,
         ),
     );
-    reply.provider_error = record.state.provider_error.clone();
+    reply.provider_error = record.state.provider_error.as_deref().cloned();
     reply
 }
 
@@ -972,7 +972,7 @@ pub fn misconfigured_error(record: &SessionRecord) -> ErrorReply {
                 .unwrap_or("the client is misconfigured")
         ),
     );
-    reply.provider_error = record.state.provider_error.clone();
+    reply.provider_error = record.state.provider_error.as_deref().cloned();
     reply
 }
 

@@ -309,7 +309,9 @@ pub struct StateRecord {
     pub state: SessionState,
     pub since: u64,
     pub reason: Option<String>,
-    pub provider_error: Option<ProviderError>,
+    /// Boxed: most sessions have none, and an inline one costs every
+    /// session its size.
+    pub provider_error: Option<Box<ProviderError>>,
 }
 
 pub struct Store {
