@@ -56,6 +56,21 @@ enum Command {
         #[arg(long, default_value_t = 800)]
         token_bytes: usize,
     },
+    /// Problem 4: adding new sessions one at a time through `Store::save`
+    /// (as imports do) to an empty store, at each size.
+    Saves {
+        /// Sessions to add, one new store per size.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+        sessions: Vec<usize>,
+        /// Stop a size after this many seconds and report the rate so far.
+        #[arg(long, default_value_t = 600)]
+        give_up_after: u64,
+        #[arg(long, default_value_t = 800)]
+        token_bytes: usize,
+        /// Where the stores go [default: a new folder in /tmp, removed after].
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+    },
     /// Sends gets to an agent that is already running (for profiling by
     /// hand: perf, callgrind) and prints their latency.
     Load {
@@ -165,6 +180,15 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Saves {
+            sessions,
+            give_up_after,
+            token_bytes,
+            work_dir,
+        } => {
+            print_conditions();
+            saves(&sessions, give_up_after, token_bytes, work_dir)
+        }
         Command::Load {
             socket,
             sessions,
@@ -258,6 +282,72 @@ fn hyperfine_report(path: &Path) -> anyhow::Result<()> {
                 verdict(field(tokenctl, "mean") < field(oidc, "mean"))
             );
         }
+    }
+    Ok(())
+}
+
+/// Problem 4's figure: `Store::save` for new sessions, one at a time.
+fn saves(
+    sizes: &[usize],
+    give_up_after: u64,
+    token_bytes: usize,
+    work_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let (root, remove) = match work_dir {
+        Some(dir) => (dir, false),
+        None => (
+            std::env::temp_dir().join(format!("token-agent-saves-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    let mut table = Table::new(
+        "problem 4: new sessions through Store::save, one at a time",
+        &[
+            "sessions",
+            "saved",
+            "total s",
+            "saves/s",
+            "mean ms",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "index KiB",
+            "reopen + load_all ms",
+        ],
+    );
+    let ms = |ns: u64| format!("{:.2}", ns as f64 / 1e6);
+    for &n in sizes {
+        let dir = root.join(format!("store-{n}"));
+        let mut saved = populate::save_one_by_one(
+            &dir,
+            populate::Fill::at_rest(n, token_bytes),
+            std::time::Duration::from_secs(give_up_after),
+        )?;
+        let took = saved.took.as_secs_f64();
+        table.row(vec![
+            thousands(n as u64),
+            if saved.saved < n {
+                format!("{} (gave up)", thousands(saved.saved as u64))
+            } else {
+                thousands(saved.saved as u64)
+            },
+            format!("{took:.1}"),
+            format!("{:.0}", saved.saved as f64 / took),
+            format!("{:.2}", saved.samples.mean() / 1e6),
+            ms(saved.samples.quantile(0.5)),
+            ms(saved.samples.quantile(0.99)),
+            ms(saved.samples.max()),
+            format!("{:.0}", saved.index_bytes as f64 / 1024.0),
+            format!("{:.0}", saved.reopen.as_secs_f64() * 1e3),
+        ]);
+        if remove {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    table.print();
+    if remove {
+        let _ = std::fs::remove_dir_all(&root);
     }
     Ok(())
 }

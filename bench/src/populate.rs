@@ -124,6 +124,102 @@ fn template(fill: &Fill, now: u64) -> anyhow::Result<SessionRecord> {
         .context("the store's record shape changed; update bench/src/populate.rs")
 }
 
+/// Session `i` of `fill`, made from `template`.
+fn session_record(template: &SessionRecord, fill: &Fill, i: usize) -> SessionRecord {
+    let mut record = template.clone();
+    record.name = session_name(i);
+    record.tokens.access_token = Some(Secret::new(token_of_len(fill.access_token_bytes, i)));
+    let mut refresh_token = first_refresh_token(i);
+    if refresh_token.len() < fill.refresh_token_bytes {
+        refresh_token.push('-');
+        refresh_token.push_str(&token_of_len(
+            fill.refresh_token_bytes - refresh_token.len(),
+            i + 1,
+        ));
+    }
+    record.tokens.refresh_token = Some(Secret::new(refresh_token)).into();
+    record.next_refresh_at = (fill.due)(i);
+    record
+}
+
+/// What [`save_one_by_one`] measured.
+pub struct Saved {
+    /// Sessions saved (fewer than asked when it gave up).
+    pub saved: usize,
+    pub took: Duration,
+    /// Each save's own time.
+    pub samples: crate::stats::Samples,
+    /// The size of `sessions.index` at the end.
+    pub index_bytes: u64,
+    /// Reopening the filled store and loading it (`Store::open`,
+    /// `load_all`), as the agent starts.
+    pub reopen: Duration,
+}
+
+/// Adds `fill.sessions` new sessions to a new store at `dir` one at a time
+/// through `Store::save`, as imports do, each save awaited before the next;
+/// stops early once `give_up` has passed.
+pub fn save_one_by_one(dir: &Path, fill: Fill, give_up: Duration) -> anyhow::Result<Saved> {
+    use token_agent::store::Store;
+    anyhow::ensure!(
+        !dir.join("sled").exists(),
+        "{} already holds a store",
+        dir.display()
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let template = template(&fill, now_ms())?;
+    let store = Store::open(dir, None)?;
+    store.load_all()?;
+    let mut samples = crate::stats::Samples::with_capacity(fill.sessions);
+    let started = Instant::now();
+    let mut saved = 0;
+    runtime.block_on(async {
+        for i in 0..fill.sessions {
+            let record = session_record(&template, &fill, i);
+            let one = Instant::now();
+            store.save(&record).await?;
+            samples.push(one.elapsed());
+            saved += 1;
+            if started.elapsed() > give_up {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let took = started.elapsed();
+    drop(store);
+    let index_bytes = std::fs::metadata(dir.join("sessions.index"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+
+    // sled lets go of its file lock once its background work on the
+    // dropped store ends; wait for that.
+    let reopened = Instant::now();
+    let mut tries = 0;
+    let store = loop {
+        match Store::open(dir, None) {
+            Ok(store) => break store,
+            Err(_) if tries < 200 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
+    let loaded = store.load_all()?.len();
+    let reopen = reopened.elapsed();
+    anyhow::ensure!(loaded == saved, "saved {saved} sessions, reopened {loaded}");
+    Ok(Saved {
+        saved,
+        took,
+        samples,
+        index_bytes,
+        reopen,
+    })
+}
+
 /// Writes `fill.sessions` records into a new store at `dir` and returns
 /// how long that took.
 pub fn fill_store(dir: &Path, fill: Fill) -> anyhow::Result<Duration> {
@@ -160,19 +256,7 @@ pub fn fill_store(dir: &Path, fill: Fill) -> anyhow::Result<Duration> {
     let template = template(&fill, now)?;
     let mut batch = sled::Batch::default();
     for i in 0..fill.sessions {
-        let mut record = template.clone();
-        record.name = session_name(i);
-        record.tokens.access_token = Some(Secret::new(token_of_len(fill.access_token_bytes, i)));
-        let mut refresh_token = first_refresh_token(i);
-        if refresh_token.len() < fill.refresh_token_bytes {
-            refresh_token.push('-');
-            refresh_token.push_str(&token_of_len(
-                fill.refresh_token_bytes - refresh_token.len(),
-                i + 1,
-            ));
-        }
-        record.tokens.refresh_token = Some(Secret::new(refresh_token)).into();
-        record.next_refresh_at = (fill.due)(i);
+        let record = session_record(&template, &fill, i);
         let plain = serde_json::to_vec(&record)?;
         batch.insert(
             record.name.as_bytes(),
