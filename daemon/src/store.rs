@@ -13,10 +13,21 @@
 //! A sealed `sessions.index` lists the names of the sessions the store
 //! holds. sled opens a database whose files were truncated as an empty one;
 //! without the index such a store would start with its sessions gone and
-//! nothing said. The index is written after a new record and before a
-//! removal, so a crash can only leave the database holding more than the
-//! index, never less, and a name in the index that the database lacks means
-//! damage: the daemon refuses to start and touches nothing.
+//! nothing said. The index names every session the database holds, never
+//! fewer: a new record is written (and flushed) before its index entry, and
+//! an index entry is removed before its record. So a crash can only leave
+//! the database holding more than the index, which the load repairs by
+//! writing the index afresh, never less; a name in the index that the
+//! database lacks means damage: the daemon refuses to start and touches
+//! nothing. A damaged index is refused the same way.
+//!
+//! The index is a snapshot followed by a log: a new name or a removal
+//! appends one sealed line and flushes it, so importing N sessions one at a
+//! time costs O(N), not O(N²); the log is folded into a new snapshot once it
+//! outgrows the names it describes, and at load. An incomplete last line is
+//! an append the agent stopped during, and is skipped; any other damage is
+//! refused. The format, and why skipping that line keeps the rule above,
+//! is in [`index`].
 //!
 //! Checking a store before sled opens it costs a copy of the whole
 //! database. A clean stop skips that cost at the next start: after its last
@@ -47,18 +58,19 @@ use zeroize::Zeroizing;
 
 use crate::seal::{KeySource, SealError, Sealer};
 
+mod index;
+
+use index::Index;
+
 /// The folder layout version; a store written by a later layout is refused.
 const LAYOUT_VERSION: &[u8] = b"1";
 
 const KEY_CHECK_CONTEXT: &[u8] = b"token-agent store key check";
-
-const INDEX_CONTEXT: &[u8] = b"token-agent session index";
 /// Records per batch handed from the reader to the workers at load.
 const LOAD_BATCH: usize = 512;
 /// How long a reopen waits for sled's own lock; see [`open_sled`].
 const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const CLEAN_STOP_FILE: &str = "clean-stop";
-const INDEX_FILE: &str = "sessions.index";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -99,10 +111,11 @@ pub enum StoreError {
         names: String,
     },
     #[error(
-        "the store at {path} is damaged: its session index does not open; it was left \
-         untouched. Restore the store folder from a backup, or move it away to start empty"
+        "the store at {path} is damaged: its session index does not open ({detail}); it \
+         was left untouched. Restore the store folder from a backup, or move it away to \
+         start empty"
     )]
-    DamagedIndex { path: PathBuf },
+    DamagedIndex { path: PathBuf, detail: String },
     #[error(transparent)]
     Key(#[from] SealError),
     #[error(
@@ -322,9 +335,9 @@ pub struct Store {
     /// a full disk that gets room again takes writes again without a
     /// restart. `None` while a reopen has not succeeded yet.
     sled: std::sync::RwLock<Option<(sled::Db, sled::Tree)>>,
-    /// The names in `sessions.index`; `None` until the first load of a
-    /// store that has none yet (new, or from an earlier version).
-    index: std::sync::Mutex<Option<std::collections::BTreeSet<String>>>,
+    /// `sessions.index`; `None` until the first load of a store that has
+    /// none yet (new, or from an earlier version).
+    index: std::sync::Mutex<Option<Index>>,
     /// Group commit: one sled flush in flight at a time, covering every
     /// write made before it started. sled runs each `flush_async` on its own
     /// small thread pool, the same pool that writes its log buffers; many
@@ -368,7 +381,7 @@ impl Store {
         let db_path = dir.join("sled");
         let sealer = unlock(dir, key_file, db_path.exists())?;
         // Read before sled opens, so a damaged index is refused untouched.
-        let index = read_index(dir, &sealer)?;
+        let index = Index::read(dir, &sealer)?;
 
         if db_path.exists() {
             let untouched = read_clean_stop(dir)
@@ -378,7 +391,7 @@ impl Store {
             if untouched && remove_clean_stop(dir) {
                 tracing::debug!("the store is as the last clean stop left it; opening it directly");
             } else {
-                verify_on_a_copy(dir, &db_path, index.as_ref())?;
+                verify_on_a_copy(dir, &db_path, index.as_ref().map(Index::names))?;
                 remove_clean_stop(dir);
             }
         }
@@ -526,27 +539,25 @@ impl Store {
     }
 
     /// Refuses a database that lacks a session the index names; writes the
-    /// index when the store has none yet.
+    /// index when the store has none yet, and rewrites it as a snapshot of
+    /// the names the database holds when it differs or has a log.
     fn check_index(&self, held: std::collections::BTreeSet<String>) -> Result<(), StoreError> {
         let mut index = self.index();
-        match &*index {
-            Some(names) => {
-                missing_names(&self.path, names, |name| held.contains(name))?;
-                if held.len() > names.len() {
-                    // A crash between a new record and its index entry.
-                    write_index(&self.path, &self.sealer, &held)?;
-                    *index = Some(held);
+        match index.as_mut() {
+            Some(index) => {
+                missing_names(&self.path, index.names(), |name| held.contains(name))?;
+                // More held than indexed: a crash between a new record and
+                // its index entry.
+                if held.len() > index.names().len() || !index.is_compact() {
+                    index.replace(&self.path, &self.sealer, held)?;
                 }
             }
-            None => {
-                write_index(&self.path, &self.sealer, &held)?;
-                *index = Some(held);
-            }
+            None => *index = Some(Index::create(&self.path, &self.sealer, held)?),
         }
         Ok(())
     }
 
-    fn index(&self) -> std::sync::MutexGuard<'_, Option<std::collections::BTreeSet<String>>> {
+    fn index(&self) -> std::sync::MutexGuard<'_, Option<Index>> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -587,27 +598,21 @@ impl Store {
 
         // The record first, then its index entry: see the module docs.
         let mut index = self.index();
-        let names = index.get_or_insert_with(Default::default);
-        if !names.contains(&record.name) {
-            let mut with = names.clone();
-            with.insert(record.name.clone());
-            write_index(&self.path, &self.sealer, &with)?;
-            *names = with;
+        match index.as_mut() {
+            Some(index) => index.add(&self.path, &self.sealer, &record.name),
+            None => {
+                let names = std::collections::BTreeSet::from([record.name.clone()]);
+                *index = Some(Index::create(&self.path, &self.sealer, names)?);
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// Deletes a record and returns once that is on disk.
     pub async fn remove(&self, name: &str) -> Result<(), StoreError> {
-        {
-            // The index entry first, then the record: see the module docs.
-            let mut index = self.index();
-            if let Some(names) = index.as_mut().filter(|names| names.contains(name)) {
-                let mut without = names.clone();
-                without.remove(name);
-                write_index(&self.path, &self.sealer, &without)?;
-                *names = without;
-            }
+        // The index entry first, then the record: see the module docs.
+        if let Some(index) = self.index().as_mut() {
+            index.remove(&self.path, &self.sealer, name)?;
         }
         self.write(|tree| {
             tree.remove(name.as_bytes())
@@ -1002,52 +1007,6 @@ fn missing_names(
     })
 }
 
-/// The names in the sealed session index, `None` if there is no index.
-fn read_index(
-    dir: &Path,
-    sealer: &Sealer,
-) -> Result<Option<std::collections::BTreeSet<String>>, StoreError> {
-    let path = dir.join(INDEX_FILE);
-    let sealed = match fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(StoreError::Open { path, source }),
-    };
-    let damaged = || StoreError::DamagedIndex {
-        path: dir.to_path_buf(),
-    };
-    let plain = sealer.open(INDEX_CONTEXT, &sealed).map_err(|_| damaged())?;
-    serde_json::from_slice(&plain)
-        .map_err(|_| damaged())
-        .map(Some)
-}
-
-/// Replaces the session index in one step: a new file, flushed, renamed
-/// over the old one, and the folder flushed.
-fn write_index(
-    dir: &Path,
-    sealer: &Sealer,
-    names: &std::collections::BTreeSet<String>,
-) -> Result<(), StoreError> {
-    let path = dir.join(INDEX_FILE);
-    let temporary = dir.join(format!("{INDEX_FILE}.new"));
-    let plain = serde_json::to_vec(names).expect("a set of strings serialises");
-    let sealed = sealer.seal(INDEX_CONTEXT, &plain);
-    let write = || -> std::io::Result<()> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)?;
-        file.write_all(&sealed)?;
-        file.sync_all()?;
-        fs::rename(&temporary, &path)?;
-        File::open(dir)?.sync_all()
-    };
-    write().map_err(|source| StoreError::WriteIndex { path, source })
-}
-
 /// Records the layout version in a new store and refuses a newer one.
 fn check_layout(dir: &Path) -> Result<(), StoreError> {
     let path = dir.join("layout");
@@ -1121,6 +1080,186 @@ pub(crate) mod tests {
             store.refresh_token("work").unwrap().unwrap().expose(),
             "rt-1"
         );
+    }
+
+    fn index_lines(dir: &Path) -> Vec<Vec<u8>> {
+        fs::read(dir.join(index::FILE))
+            .unwrap()
+            .split_inclusive(|&b| b == b'\n')
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
+
+    /// Every file's bytes but the lock's (it holds the pid).
+    fn files(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+        walk(dir)
+            .into_iter()
+            .filter(|p| !p.ends_with("lock"))
+            .map(|p| {
+                let bytes = fs::read(&p).unwrap();
+                (p, bytes)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn sessions_added_one_by_one_append_to_the_index_and_all_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = 1500;
+        {
+            let store = Store::open(dir.path(), None).unwrap();
+            store.load_all().unwrap();
+            let header = index_lines(dir.path())[0].clone();
+            for i in 0..count {
+                store.save(&record(&format!("s{i}"))).await.unwrap();
+                if i == 10 {
+                    let lines = index_lines(dir.path());
+                    assert_eq!(lines[0], header, "the index was rewritten for a new name");
+                    assert_eq!(lines.len(), 2 + 11, "one line per new name");
+                }
+            }
+            // Saving a session again adds nothing to the index.
+            let before = index_lines(dir.path()).len();
+            store.save(&record("s0")).await.unwrap();
+            assert_eq!(index_lines(dir.path()).len(), before);
+        }
+        let store = Store::open(dir.path(), None).unwrap();
+        let loaded = store.load_all().unwrap();
+        assert_eq!(loaded.len(), count);
+        assert_eq!(store.index().as_ref().unwrap().names().len(), count);
+        assert_eq!(index_lines(dir.path()).len(), 2, "compacted at load");
+    }
+
+    #[tokio::test]
+    async fn removals_survive_reopening_and_leave_the_index_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), None).unwrap();
+            store.load_all().unwrap();
+            for i in 0..6 {
+                store.save(&record(&format!("s{i}"))).await.unwrap();
+            }
+            store.remove("s1").await.unwrap();
+            store.remove("s4").await.unwrap();
+            store.remove("never-there").await.unwrap();
+        }
+        let expected = ["s0", "s2", "s3", "s5"];
+        let read = Index::read(dir.path(), &unlock(dir.path(), None, true).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(read.names().iter().collect::<Vec<_>>(), expected);
+
+        let store = Store::open(dir.path(), None).unwrap();
+        let names: Vec<String> = store
+            .load_all()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, expected);
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_index_entry_is_skipped_and_the_store_opens_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), None).unwrap();
+            store.load_all().unwrap();
+            for name in ["a", "b", "c"] {
+                store.save(&record(name)).await.unwrap();
+            }
+        }
+        // The agent died while appending c's entry: its record is written.
+        let path = dir.path().join(index::FILE);
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 20]).unwrap();
+
+        let store = Store::open(dir.path(), None).unwrap();
+        let names: Vec<String> = store
+            .load_all()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        // The load wrote the index afresh: every name, no torn line.
+        let index = store.index();
+        assert_eq!(index.as_ref().unwrap().names().len(), 3);
+        assert!(index.as_ref().unwrap().is_compact());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_index_entry_before_the_last_refuses_the_store_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), None).unwrap();
+            store.load_all().unwrap();
+            for name in ["a", "b", "c"] {
+                store.save(&record(name)).await.unwrap();
+            }
+        }
+        let mut lines = index_lines(dir.path());
+        lines[3][10] ^= 0x01; // b's entry
+        fs::write(dir.path().join(index::FILE), lines.concat()).unwrap();
+        let before = files(dir.path());
+
+        match Store::open(dir.path(), None) {
+            Err(StoreError::DamagedIndex { detail, .. }) => {
+                assert!(detail.contains("entry 2"), "{detail}")
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(_) => panic!("a damaged index opened"),
+        }
+        assert_eq!(files(dir.path()), before, "the refusal changed the store");
+    }
+
+    #[tokio::test]
+    async fn an_index_in_the_first_format_opens_and_is_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), None).unwrap();
+            for name in ["a", "b", "c"] {
+                store.save(&record(name)).await.unwrap();
+            }
+        }
+        // What the previous version wrote: the sealed list, nothing else.
+        let sealer = unlock(dir.path(), None, true).unwrap();
+        let first = |names: &[&str]| {
+            let plain = serde_json::to_vec(names).unwrap();
+            sealer.seal(b"token-agent session index", &plain)
+        };
+        let path = dir.path().join(index::FILE);
+
+        // It is read: a name it holds that the database lacks refuses.
+        fs::write(&path, first(&["a", "b", "gone"])).unwrap();
+        let refused = match Store::open(dir.path(), None) {
+            Err(err) => err,
+            Ok(store) => store
+                .load_all()
+                .map(drop)
+                .expect_err("a missing session opened"),
+        };
+        assert!(
+            matches!(&refused, StoreError::MissingSessions { names, .. } if names == "gone"),
+            "{refused}"
+        );
+
+        fs::write(&path, first(&["a", "b"])).unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        assert_eq!(store.load_all().unwrap().len(), 3);
+        assert!(index_lines(dir.path())[0].starts_with(b"token-agent session index 2 "));
+        store.save(&record("d")).await.unwrap();
+        store.remove("a").await.unwrap();
+        drop(store);
+
+        let store = Store::open(dir.path(), None).unwrap();
+        let names: Vec<String> = store
+            .load_all()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["b", "c", "d"]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
