@@ -36,7 +36,7 @@
 //!
 //! The whole file is rewritten (a new file, flushed, renamed over the old
 //! one, the folder flushed), with a new epoch and no entries, when the log
-//! has grown past [`compact_after`] entries, after an append failed (its
+//! has grown past [`compact_after`] bytes, after an append failed (its
 //! bytes may be on disk, part of a line), and at load when the file is not
 //! compact: so appends always follow a whole line, and a torn line is
 //! gone before the next one is written.
@@ -85,14 +85,20 @@ pub(super) struct Index {
 struct Log {
     epoch: Epoch,
     entries: u64,
+    /// The size of the header and snapshot lines, and of the entries.
+    snapshot_bytes: u64,
+    entry_bytes: u64,
     /// Opened at the first append.
     file: Option<File>,
 }
 
-/// Entries appended before the file is rewritten: at least as many as
-/// live names, so the rewrites cost O(1) per change, amortised.
-pub(super) fn compact_after(live: usize) -> u64 {
-    live.max(1024) as u64
+/// The bytes of entries after which the file is rewritten: as many as the
+/// snapshot holds, so a rewrite of S bytes comes after some S bytes of
+/// appends (O(1) per change, amortised) and the file stays under twice its
+/// compact size; and 64 KiB (some 900 entries) at least, so a small index
+/// is not rewritten every few changes.
+pub(super) fn compact_after(snapshot_bytes: u64) -> u64 {
+    snapshot_bytes.max(64 * 1024)
 }
 
 impl Index {
@@ -189,7 +195,7 @@ impl Index {
         let due = self
             .log
             .as_ref()
-            .is_none_or(|log| log.entries >= compact_after(self.names.len()));
+            .is_none_or(|log| log.entry_bytes >= compact_after(log.snapshot_bytes));
         if due {
             self.apply(op, name);
             return self
@@ -253,6 +259,8 @@ impl Index {
         self.log = Some(Log {
             epoch,
             entries: 0,
+            snapshot_bytes: text.len() as u64,
+            entry_bytes: 0,
             file: None,
         });
         Ok(())
@@ -277,6 +285,7 @@ impl Log {
         file.write_all(line.as_bytes())?;
         file.sync_data()?;
         self.entries = number;
+        self.entry_bytes += line.len() as u64;
         Ok(())
     }
 }
@@ -336,6 +345,8 @@ fn parse(bytes: &[u8], sealer: &Sealer) -> Result<Index, String> {
     let log = (ends_whole && !torn).then(|| Log {
         epoch,
         entries: entries.len() as u64,
+        snapshot_bytes: (header.len() + snapshot.len() + 2) as u64,
+        entry_bytes: entries.iter().map(|line| line.len() as u64 + 1).sum(),
         file: None,
     });
     Ok(Index { names, log })
@@ -434,10 +445,11 @@ mod tests {
         }
         let now = lines(dir.path());
         assert_ne!(now[0], header, "never rewritten");
+        let snapshot = (now[0].len() + now[1].len()) as u64;
+        let log: u64 = now[2..].iter().map(|line| line.len() as u64).sum();
         assert!(
-            now.len() - 2 <= compact_after(expected.len()) as usize,
-            "{} entries after the last snapshot",
-            now.len() - 2
+            log <= compact_after(snapshot) + now.last().unwrap().len() as u64,
+            "{log} bytes of entries after a snapshot of {snapshot}"
         );
         assert_eq!(index.names(), &expected);
         let read = Index::read(dir.path(), &sealer).unwrap().unwrap();
