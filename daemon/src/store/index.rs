@@ -118,7 +118,7 @@ impl Index {
         if !bytes.starts_with(HEADER.as_bytes()) {
             let plain = sealer
                 .open(FIRST_FORMAT_CONTEXT, &bytes)
-                .map_err(|_| damaged("it does not open".into()))?;
+                .map_err(|_| damaged("it opens in neither format".into()))?;
             let names = serde_json::from_slice(&plain)
                 .map_err(|_| damaged("its list of names does not parse".into()))?;
             return Ok(Some(Index { names, log: None }));
