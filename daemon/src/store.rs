@@ -63,7 +63,12 @@ mod index;
 use index::Index;
 
 /// The folder layout version; a store written by a later layout is refused.
-const LAYOUT_VERSION: &[u8] = b"1";
+/// Layout 2 is layout 1 with the session index as a snapshot plus a log
+/// ([`index`]); a layout 1 store opens, and says 2 from the first time its
+/// index is written, so that an earlier agent refuses it as newer instead
+/// of calling its index damaged.
+const LAYOUT_VERSION: &[u8] = b"2";
+const EARLIER_LAYOUTS: &[&[u8]] = &[b"1"];
 
 const KEY_CHECK_CONTEXT: &[u8] = b"token-agent store key check";
 /// Records per batch handed from the reader to the workers at load.
@@ -1012,6 +1017,7 @@ fn check_layout(dir: &Path) -> Result<(), StoreError> {
     let path = dir.join("layout");
     match fs::read(&path) {
         Ok(found) if found.trim_ascii() == LAYOUT_VERSION => Ok(()),
+        Ok(found) if EARLIER_LAYOUTS.contains(&found.trim_ascii()) => Ok(()),
         Ok(found) => Err(StoreError::NewerLayout {
             path: dir.to_path_buf(),
             found: String::from_utf8_lossy(&found).trim().to_string(),
@@ -1021,6 +1027,23 @@ fn check_layout(dir: &Path) -> Result<(), StoreError> {
             .map_err(|source| StoreError::Open { path, source }),
         Err(source) => Err(StoreError::Open { path, source }),
     }
+}
+
+/// Records the current layout version in the store, if it holds an
+/// earlier one: in one step (a new file, flushed, renamed, the folder
+/// flushed), as the index written next depends on it.
+fn upgrade_layout(dir: &Path) -> std::io::Result<()> {
+    let path = dir.join("layout");
+    match fs::read(&path) {
+        Ok(found) if found.trim_ascii() == LAYOUT_VERSION => return Ok(()),
+        Ok(_) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err),
+    }
+    let temporary = dir.join("layout.new");
+    write_owner_only(&temporary, LAYOUT_VERSION)?;
+    fs::rename(&temporary, &path)?;
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -1222,7 +1245,9 @@ pub(crate) mod tests {
                 store.save(&record(name)).await.unwrap();
             }
         }
-        // What the previous version wrote: the sealed list, nothing else.
+        // What the previous version wrote: layout 1 and the sealed list,
+        // nothing else.
+        fs::write(dir.path().join("layout"), b"1").unwrap();
         let sealer = unlock(dir.path(), None, true).unwrap();
         let first = |names: &[&str]| {
             let plain = serde_json::to_vec(names).unwrap();
@@ -1244,10 +1269,14 @@ pub(crate) mod tests {
             "{refused}"
         );
 
+        assert_eq!(fs::read(dir.path().join("layout")).unwrap(), b"1");
+
         fs::write(&path, first(&["a", "b"])).unwrap();
         let store = Store::open(dir.path(), None).unwrap();
+        assert_eq!(fs::read(dir.path().join("layout")).unwrap(), b"1");
         assert_eq!(store.load_all().unwrap().len(), 3);
         assert!(index_lines(dir.path())[0].starts_with(b"token-agent session index 2 "));
+        assert_eq!(fs::read(dir.path().join("layout")).unwrap(), b"2");
         store.save(&record("d")).await.unwrap();
         store.remove("a").await.unwrap();
         drop(store);

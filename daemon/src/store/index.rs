@@ -41,9 +41,11 @@
 //! compact: so appends always follow a whole line, and a torn line is
 //! gone before the next one is written.
 //!
-//! The first format was the sealed JSON list alone, with no header. It
-//! still opens, as a snapshot without entries, and is rewritten in this
-//! format at the first load.
+//! The first format was the sealed JSON list alone, with no header (store
+//! layout 1). It still opens, as a snapshot without entries, and is
+//! rewritten in this format at the first load; the store's layout becomes 2
+//! just before, so that an earlier agent refuses the store as newer rather
+//! than calling this index damaged.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -244,6 +246,7 @@ impl Index {
         text.push('\n');
 
         let write = || -> std::io::Result<()> {
+            super::upgrade_layout(dir)?;
             let mut file = OpenOptions::new()
                 .write(true)
                 .create(true)
