@@ -24,10 +24,10 @@
 //! The index is a snapshot followed by a log: a new name or a removal
 //! appends one sealed line and flushes it, so importing N sessions one at a
 //! time costs O(N), not O(N²); the log is folded into a new snapshot once it
-//! outgrows the names it describes, and at load. An incomplete last line is
-//! an append the agent stopped during, and is skipped; any other damage is
-//! refused. The format, and why skipping that line keeps the rule above,
-//! is in [`index`].
+//! outgrows the snapshot, and at load. An incomplete last line is an append
+//! the agent stopped during, and is skipped; any other damage is refused.
+//! The format, and why skipping that line keeps the rule above, is in
+//! [`index`].
 //!
 //! Checking a store before sled opens it costs a copy of the whole
 //! database. A clean stop skips that cost at the next start: after its last
