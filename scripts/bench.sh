@@ -4,6 +4,7 @@
 #
 #   scripts/bench.sh            # the full set, about 10 minutes once built
 #   scripts/bench.sh --quick    # the same figures, smaller, about 3 minutes
+#   scripts/bench.sh --process  # figure 3 alone (hyperfine), about 1 minute
 #
 # Installs what it needs when missing (hyperfine and oidc-agent-cli from
 # Debian's packages, Node.js for the test provider), builds release binaries,
@@ -15,11 +16,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 QUICK=0
+PROCESS_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
+        --process) PROCESS_ONLY=1 ;;
         -h | --help)
-            sed -n '2,12p' "$0"
+            sed -n '2,13p' "$0"
             exit 0
             ;;
         *)
@@ -88,6 +91,7 @@ echo '```'
 echo "hyperfine $(hyperfine --version | awk '{print $2}'), $(oidc-agent --version 2>&1 | head -n 1), node $(node --version), $(rustc --version)"
 
 # --- Figures 1 and 2: serving latency and throughput ------------------------
+if [ "$PROCESS_ONLY" = 0 ]; then
 if [ "$QUICK" = 1 ]; then
     run "$BENCH" serve --work-dir "$WORK" --sessions 10000 --requests 20000 --seconds 2
 else
@@ -111,6 +115,8 @@ else
     run "$BENCH" schedule --work-dir "$WORK" --sessions 10000 --window 0 --grace 30
     run "$BENCH" schedule --work-dir "$WORK" --sessions 2000 --window 0 --grace 30 --provider-delay-ms 20
 fi
+
+fi # PROCESS_ONLY
 
 # --- Figure 3: one whole process, beside oidc-token and /bin/true ------------
 # One provider (oidc-provider on Node, 1-hour access tokens), two sign-ins:

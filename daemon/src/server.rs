@@ -181,7 +181,15 @@ async fn handle_connection(stream: UnixStream, agent: Arc<Agent>, shutdown: Canc
                 refuse(&caller)
             };
             let accepted = matches!(reply, Response::Hello { .. });
-            if send(&mut replies, &reply).await.is_err() || !accepted {
+            // A client that sent its first request with the hello (as
+            // `tokenctl get` does) gets both answers in one write, and
+            // wakes once.
+            let written = if accepted && request_waiting(&requests) {
+                hold(&mut replies, &reply).await
+            } else {
+                send(&mut replies, &reply).await
+            };
+            if written.is_err() || !accepted {
                 return;
             }
         }
@@ -380,6 +388,23 @@ fn frame_error(err: &std::io::Error) -> Response {
         ErrorCode::BadRequest,
         format!("unreadable frame ({err}); requests are at most {MAX_REQUEST_LEN} bytes"),
     ))
+}
+
+/// Whether a whole request frame is already read and waiting.
+fn request_waiting(requests: &Requests) -> bool {
+    let buffered = requests.read_buffer();
+    buffered.len() >= 4
+        && u32::from_be_bytes([buffered[0], buffered[1], buffered[2], buffered[3]]) as usize
+            <= buffered.len() - 4
+}
+
+/// Queues a reply to go out with the next one ([`send`] writes both).
+async fn hold(replies: &mut Replies, reply: &Response) -> std::io::Result<()> {
+    let body = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    match tokio::time::timeout(SEND_TIMEOUT, replies.feed(Bytes::from(body))).await {
+        Ok(queued) => queued,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
 }
 
 async fn send(replies: &mut Replies, reply: &Response) -> std::io::Result<()> {
