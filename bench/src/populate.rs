@@ -15,6 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use token_agent::packed_token::PackedToken;
 use token_agent::store::SessionRecord;
 use token_agent_client::proto::Secret;
 
@@ -35,27 +36,38 @@ pub fn first_refresh_token(i: usize) -> String {
     format!("rt-{i}-0")
 }
 
-/// A JWT-shaped opaque string of `len` bytes (three base64url parts), as a
-/// provider such as Keycloak issues.
+/// A token of about `len` bytes shaped as a provider such as Keycloak
+/// issues one: a JWT, three base64url parts (a header, claims, an RS256
+/// signature) of pseudo-random bytes, different per `seed`. Like a real one,
+/// each part is canonical base64url, which is what the agent packs in
+/// memory (`token_agent::packed_token`); an opaque token of other
+/// characters would be held as text.
 pub fn token_of_len(len: usize, seed: usize) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
     let mut state = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = String::with_capacity(len);
-    out.push_str("eyJ");
-    while out.len() < len {
-        // xorshift64: cheap, deterministic, different per session.
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let i = out.len();
-        if i == len / 3 || i == 2 * len / 3 {
-            out.push('.');
-        } else {
-            out.push(ALPHABET[(state % 64) as usize] as char);
-        }
-    }
-    out.truncate(len);
-    out
+    let mut random_bytes = |count: usize| -> Vec<u8> {
+        (0..count)
+            .map(|_| {
+                // xorshift64: cheap, deterministic, different per session.
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT","kid":"bench"}"#);
+    let text_budget = len.saturating_sub(header.len() + 2);
+    // A third of the text for the signature (an RS256 one is 342 chars),
+    // the rest for the claims; 4 characters for every 3 bytes.
+    let signature_bytes = (text_budget / 3 * 3 / 4).min(256);
+    let signature = URL_SAFE_NO_PAD.encode(random_bytes(signature_bytes));
+    let claims_chars = text_budget.saturating_sub(signature.len());
+    let claims = URL_SAFE_NO_PAD.encode(random_bytes(claims_chars * 3 / 4));
+    format!("{header}.{claims}.{signature}")
 }
 
 /// What the filled sessions look like.
@@ -128,7 +140,10 @@ fn template(fill: &Fill, now: u64) -> anyhow::Result<SessionRecord> {
 fn session_record(template: &SessionRecord, fill: &Fill, i: usize) -> SessionRecord {
     let mut record = template.clone();
     record.name = session_name(i);
-    record.tokens.access_token = Some(Secret::new(token_of_len(fill.access_token_bytes, i)));
+    record.tokens.access_token = Some(PackedToken::new(&Secret::new(token_of_len(
+        fill.access_token_bytes,
+        i,
+    ))));
     let mut refresh_token = first_refresh_token(i);
     if refresh_token.len() < fill.refresh_token_bytes {
         refresh_token.push('-');

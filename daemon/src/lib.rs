@@ -27,6 +27,7 @@ pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod oauth;
+pub mod packed_token;
 pub mod peer;
 pub mod refresh;
 pub mod schedule;

@@ -27,6 +27,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::metrics::{Metrics, RefreshOutcome};
 use crate::oauth::{Answer, Answered, Provider, TokenAnswer, Transient};
+use crate::packed_token::PackedToken;
 use crate::schedule::Timing;
 use crate::scheduler::Scheduler;
 use crate::sessions::{now_ms, to_ms, Outcome, ScopedKey, ScopedToken, Session, Sessions};
@@ -552,7 +553,7 @@ impl Refresher {
             .get(&record.name)
             .cloned();
         let Some(file) = file else { return };
-        match file.write(token.expose()) {
+        match file.write(token.to_secret().expose()) {
             Ok(()) => {
                 tracing::debug!(session = %record.name, file = %file.path.display(), "token file written")
             }
@@ -884,7 +885,8 @@ pub fn apply_answer(
         tokens.provider_lifetime_ms = stated;
     }
 
-    tokens.access_token = (answer.token_type == "bearer").then_some(answer.access_token);
+    tokens.access_token =
+        (answer.token_type == "bearer").then(|| PackedToken::new(&answer.access_token));
     tokens.obtained_at = received;
     tokens.access_expires_at = received + lifetime;
     tokens.expiry_source = Some(source);
@@ -1015,7 +1017,7 @@ pub fn watch_event(record: &SessionRecord, now: u64) -> WatchEvent {
         .as_ref()
         .filter(|_| record.tokens.access_expires_at > now)
         .map(|token| TokenReply {
-            access_token: token.clone(),
+            access_token: token.to_secret(),
             token_type: "Bearer".into(),
             expires_at: record.tokens.access_expires_at / 1000,
             scope: Vec::new(),
@@ -1090,7 +1092,7 @@ mod tests {
             r.tokens.refresh_token,
             RefreshToken::Held(Secret::new("rt-1"))
         );
-        assert_eq!(r.tokens.access_token.unwrap().expose(), "at-2");
+        assert_eq!(r.tokens.access_token.unwrap().to_secret().expose(), "at-2");
     }
 
     #[test]

@@ -197,7 +197,7 @@ impl Session {
             return None;
         }
         Some(TokenReply {
-            access_token: token.clone(),
+            access_token: token.to_secret(),
             token_type: "Bearer".into(),
             expires_at: record.tokens.access_expires_at / 1000,
             scope: Vec::new(),
@@ -366,6 +366,7 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packed_token::PackedToken;
     use token_agent_proto::Secret;
 
     /// Whatever the timers did, serving compares the wall-clock expiry with
@@ -373,7 +374,7 @@ mod tests {
     #[test]
     fn a_token_is_never_served_at_or_past_its_wall_clock_expiry() {
         let mut record = crate::store::tests::record("s1");
-        record.tokens.access_token = Some(Secret::new("at"));
+        record.tokens.access_token = Some(PackedToken::new(&Secret::new("at")));
         record.tokens.access_expires_at = 1_000_000;
         let session = Session::new(record);
 
@@ -385,5 +386,22 @@ mod tests {
         // The caller's minimum validity counts too.
         assert!(session.servable(990_000, 10_000).is_none());
         assert!(session.servable(989_999, 10_000).is_some());
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn print_sizes() {
+        use std::mem::size_of;
+        eprintln!("Session {}", size_of::<super::Session>());
+        eprintln!("SessionRecord {}", size_of::<crate::store::SessionRecord>());
+        eprintln!("Tokens {}", size_of::<crate::store::Tokens>());
+        eprintln!("StateRecord {}", size_of::<crate::store::StateRecord>());
+        eprintln!("gate {}", size_of::<tokio::sync::Mutex<()>>());
+        eprintln!("Mutex<SessionRecord> {}", size_of::<std::sync::Mutex<crate::store::SessionRecord>>());
+        eprintln!("OnceLock<Sender> {}", size_of::<std::sync::OnceLock<tokio::sync::broadcast::Sender<token_agent_proto::WatchEvent>>>());
+        eprintln!("RefreshToken {}", size_of::<crate::store::RefreshToken>());
+        eprintln!("InFlight opt {}", size_of::<Option<crate::store::InFlight>>());
+        eprintln!("ExpirySource opt {}", size_of::<Option<token_agent_proto::ExpirySource>>());
     }
 }

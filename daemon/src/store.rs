@@ -56,6 +56,7 @@ use token_agent_proto::{
 };
 use zeroize::Zeroizing;
 
+use crate::packed_token::PackedToken;
 use crate::seal::{KeySource, SealError, Sealer};
 
 mod index;
@@ -228,7 +229,7 @@ pub struct ClientConfig {
 /// The tokens and their deadlines, Unix milliseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Tokens {
-    pub access_token: Option<Secret>,
+    pub access_token: Option<PackedToken>,
     pub obtained_at: u64,
     pub access_expires_at: u64,
     pub expiry_source: Option<ExpirySource>,
@@ -1506,7 +1507,7 @@ pub(crate) mod tests {
             let store = Store::open(dir.path(), None).unwrap();
             let mut r = record("work");
             r.tokens.refresh_token = RefreshToken::Held(Secret::new("rt-plaintext-canary"));
-            r.tokens.access_token = Some(Secret::new("at-plaintext-canary"));
+            r.tokens.access_token = Some(PackedToken::new(&Secret::new("at-plaintext-canary")));
             Arc::make_mut(&mut r.client).client_secret = Some(Secret::new("cs-plaintext-canary"));
             store.save(&r).await.unwrap();
         }
