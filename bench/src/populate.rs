@@ -139,7 +139,7 @@ fn template(fill: &Fill, now: u64) -> anyhow::Result<SessionRecord> {
 /// Session `i` of `fill`, made from `template`.
 fn session_record(template: &SessionRecord, fill: &Fill, i: usize) -> SessionRecord {
     let mut record = template.clone();
-    record.name = session_name(i);
+    record.name = session_name(i).into();
     record.tokens.access_token = Some(PackedToken::new(&Secret::new(token_of_len(
         fill.access_token_bytes,
         i,

@@ -811,7 +811,7 @@ fn take_issued_tokens(import: &mut ImportSession) -> Option<TokenAnswer> {
 fn new_record(import: ImportSession, endpoints: Endpoints) -> SessionRecord {
     let now = now_ms();
     SessionRecord {
-        name: import.name,
+        name: Arc::from(import.name),
         client: share_client(ClientConfig {
             issuer: import.issuer,
             token_endpoint: endpoints.token_endpoint,

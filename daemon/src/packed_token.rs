@@ -16,6 +16,7 @@ use std::fmt;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::de::Visitor;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use token_agent_proto::Secret;
 use zeroize::{Zeroize, Zeroizing};
@@ -32,7 +33,10 @@ pub struct PackedToken(Box<[u8]>);
 
 impl PackedToken {
     pub fn new(token: &Secret) -> PackedToken {
-        let text = token.expose();
+        PackedToken::from_text(token.expose())
+    }
+
+    fn from_text(text: &str) -> PackedToken {
         PackedToken(pack(text).unwrap_or_else(|| as_text(text)))
     }
 
@@ -133,9 +137,32 @@ impl Serialize for PackedToken {
     }
 }
 
+/// Packed straight from the record's bytes where the parser can lend them:
+/// loading 100,000 sessions then makes no text copy of each token to throw
+/// away, which would leave the heap full of holes.
 impl<'de> Deserialize<'de> for PackedToken {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Secret::deserialize(deserializer).map(|token| PackedToken::new(&token))
+        deserializer.deserialize_str(PackedTokenVisitor)
+    }
+}
+
+struct PackedTokenVisitor;
+
+impl Visitor<'_> for PackedTokenVisitor {
+    type Value = PackedToken;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an access token as a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<PackedToken, E> {
+        Ok(PackedToken::from_text(text))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, text: String) -> Result<PackedToken, E> {
+        // Wiped when dropped.
+        let text = Secret::new(text);
+        Ok(PackedToken::new(&text))
     }
 }
 

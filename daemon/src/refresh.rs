@@ -123,13 +123,8 @@ impl Refresher {
 
     /// One attempt; the caller holds the gate.
     async fn attempt(&self, session: &Session) -> Outcome {
-        let pending = session
-            .unsaved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(pending) = pending {
-            return self.write_pending(session, *pending).await;
+        if let Some(pending) = session.unsaved() {
+            return self.write_pending(session, pending).await;
         }
 
         let mut record = session.record().clone();
@@ -223,7 +218,7 @@ impl Refresher {
                 "the provider rotated the tokens but the store refused them; \
                  holding them in memory, serving nothing from them, and retrying the write"
             );
-            *session.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(record));
+            session.set_unsaved(Some(record));
             self.scheduler
                 .schedule(&session.name, now_ms() + self.timing().backoff_base_ms);
             return Err(store_error(&err));
@@ -268,7 +263,7 @@ impl Refresher {
             return Err(store_error(&err));
         }
         info!("rotated tokens written after an earlier store failure");
-        *session.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        session.set_unsaved(None);
         self.install(session, record);
         Ok(())
     }
@@ -520,19 +515,9 @@ impl Refresher {
         session.set_record(record);
         // A failure is news once: when it starts (the token ran out while
         // the provider fails, or the session needs a person) or changes.
-        let failure = event.error.as_ref().map(|e| e.code);
-        let mut told = session
-            .told_failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let is_new_failure = failure.is_some() && failure != *told;
-        if token_changed || is_new_failure {
-            *told = failure;
-            session.publish(event);
-        }
+        session.publish_change(event, token_changed);
     }
 
-    /// Writes the session's token to its configured file, if it has one.
     /// Whether any session has a token file configured.
     pub fn has_token_files(&self) -> bool {
         !self
@@ -542,6 +527,7 @@ impl Refresher {
             .is_empty()
     }
 
+    /// Writes the session's token to its configured file, if it has one.
     pub fn write_token_file(&self, record: &SessionRecord) {
         let Some(token) = &record.tokens.access_token else {
             return;
@@ -550,7 +536,7 @@ impl Refresher {
             .token_files
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&record.name)
+            .get(&*record.name)
             .cloned();
         let Some(file) = file else { return };
         match file.write(token.to_secret().expose()) {
@@ -612,15 +598,10 @@ impl Refresher {
         if is_moot {
             return Ok(());
         }
-        let pending = session
-            .unsaved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(pending) = pending {
+        if let Some(pending) = session.unsaved() {
             // The held answer's refresh token is the live one; write it
             // before presenting it.
-            self.write_pending(session, *pending).await?;
+            self.write_pending(session, pending).await?;
         }
 
         let mut record = session.record().clone();
@@ -742,7 +723,7 @@ impl Refresher {
                     "the provider rotated the refresh token but the store refused it; \
                      holding it in memory and serving nothing from the answer"
                 );
-                *session.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(record));
+                session.set_unsaved(Some(record));
                 self.scheduler
                     .schedule(&session.name, now_ms() + self.timing().backoff_base_ms);
                 return Err(store_error(&err));
@@ -846,16 +827,8 @@ fn still_needed(session: &Session, trigger: Trigger) -> bool {
         // A refresh on demand may have moved the plan since this entry was
         // taken from the queue. An answer the store refused is written
         // whatever the plan says.
-        Trigger::Scheduled => has_unsaved(session) || (!session.is_stuck() && session.is_due(now)),
+        Trigger::Scheduled => session.has_unsaved() || (!session.is_stuck() && session.is_due(now)),
     }
-}
-
-fn has_unsaved(session: &Session) -> bool {
-    session
-        .unsaved
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .is_some()
 }
 
 /// Fills in tokens and deadlines from a successful answer received at
@@ -1037,7 +1010,7 @@ pub fn watch_event(record: &SessionRecord, now: u64) -> WatchEvent {
         _ => None,
     };
     WatchEvent {
-        name: record.name.clone(),
+        name: record.name.to_string(),
         generation: record.generation,
         state: record.state.state,
         token,

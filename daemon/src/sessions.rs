@@ -84,31 +84,43 @@ pub struct Session {
     /// Completed refresh attempts. A caller that saw N before waiting at the
     /// gate and finds more after it joined an attempt already made.
     attempts: AtomicU64,
-    /// Boxed: most sessions never fail, and an inline error costs every
-    /// session its size.
-    last_outcome: Mutex<Result<(), Box<ErrorReply>>>,
-    /// A rotated answer the store failed to take. The next attempt writes
-    /// it instead of presenting the refresh token it replaced.
-    /// Boxed: it is almost always empty, and an inline record costs every
-    /// session its size.
-    pub unsaved: Mutex<Option<Box<SessionRecord>>>,
     last_used: AtomicU64,
     removed: AtomicBool,
+    /// What few sessions ever have: a failure, an unsaved answer, watchers,
+    /// down-scoped tokens. Made when first needed and dropped when empty
+    /// again: inline, these cost each of 100,000 sessions some 70 bytes.
+    rare: Mutex<Option<Box<Rare>>>,
+}
+
+#[derive(Default)]
+struct Rare {
+    /// The last attempt's failure; `None` when it succeeded.
+    last_failure: Option<ErrorReply>,
+    /// A rotated answer the store failed to take. The next attempt writes
+    /// it instead of presenting the refresh token it replaced.
+    /// Boxed: a failing session keeps a small rare part.
+    unsaved: Option<Box<SessionRecord>>,
     /// Every change a watcher should hear of: a new token, a failure, the
     /// session's end. A watcher more than [`EVENT_BACKLOG`] events behind
     /// loses the ones in between and is sent the current state instead;
     /// the refresher never waits for a watcher. Made at the first watch:
-    /// a channel costs about 18 KB, too much to give each of 100,000
-    /// sessions that nobody watches.
-    events: std::sync::OnceLock<broadcast::Sender<WatchEvent>>,
+    /// a channel costs about 18 KB.
+    events: Option<broadcast::Sender<WatchEvent>>,
     /// The failure the last event told of (none after a token), so a
     /// failure that goes on through many attempts is told once.
-    pub told_failure: Mutex<Option<ErrorCode>>,
-    /// Down-scoped tokens, apart from the session's own. Made at the first
-    /// one: few sessions have any, and an empty map costs 48 bytes inline
-    /// (boxed, the map is 8).
-    #[allow(clippy::box_collection)]
-    scoped: Mutex<Option<Box<HashMap<ScopedKey, ScopedToken>>>>,
+    told_failure: Option<ErrorCode>,
+    /// Down-scoped tokens, apart from the session's own.
+    scoped: HashMap<ScopedKey, ScopedToken>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.last_failure.is_none()
+            && self.unsaved.is_none()
+            && self.events.is_none()
+            && self.told_failure.is_none()
+            && self.scoped.is_empty()
+    }
 }
 
 impl Session {
@@ -123,18 +135,32 @@ impl Session {
     /// its refresh token until the first write.
     pub fn new(record: SessionRecord) -> Session {
         Session {
-            name: Arc::from(record.name.as_str()),
+            name: record.name.clone(),
             record: Mutex::new(record),
             gate: tokio::sync::Mutex::new(()),
             attempts: AtomicU64::new(0),
-            last_outcome: Mutex::new(Ok(())),
-            unsaved: Mutex::new(None),
             last_used: AtomicU64::new(now_ms()),
             removed: AtomicBool::new(false),
-            events: std::sync::OnceLock::new(),
-            told_failure: Mutex::new(None),
-            scoped: Mutex::new(None),
+            rare: Mutex::new(None),
         }
+    }
+
+    /// Reads the rare part, if the session has one.
+    fn read_rare<T>(&self, read: impl FnOnce(&Rare) -> T) -> Option<T> {
+        let rare = self.rare.lock().unwrap_or_else(|e| e.into_inner());
+        rare.as_deref().map(read)
+    }
+
+    /// Changes the rare part, making it first if need be and dropping it
+    /// when nothing is left in it.
+    fn change_rare<T>(&self, change: impl FnOnce(&mut Rare) -> T) -> T {
+        let mut rare = self.rare.lock().unwrap_or_else(|e| e.into_inner());
+        let part = rare.get_or_insert_default();
+        let result = change(part);
+        if part.is_empty() {
+            *rare = None;
+        }
+        result
     }
 
     /// The down-scoped token under `key`, if it stays valid for
@@ -145,13 +171,12 @@ impl Session {
         now: u64,
         min_valid_ms: u64,
     ) -> Option<TokenReply> {
-        let cache = self.scoped.lock().unwrap_or_else(|e| e.into_inner());
-        let token = cache.as_ref()?.get(key)?;
+        let token = self.scoped(key)?;
         if token.expires_at <= now.saturating_add(min_valid_ms) {
             return None;
         }
         Some(TokenReply {
-            access_token: token.access_token.clone(),
+            access_token: token.access_token,
             token_type: "Bearer".into(),
             expires_at: token.expires_at / 1000,
             scope: key.scope.clone(),
@@ -161,18 +186,33 @@ impl Session {
 
     /// The cached down-scoped token under `key`, valid or not.
     pub fn scoped(&self, key: &ScopedKey) -> Option<ScopedToken> {
-        let cache = self.scoped.lock().unwrap_or_else(|e| e.into_inner());
-        cache.as_ref()?.get(key).cloned()
+        self.read_rare(|rare| rare.scoped.get(key).cloned())
+            .flatten()
     }
 
     pub fn cache_scoped(&self, key: ScopedKey, token: ScopedToken) {
-        let mut cache = self.scoped.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get_or_insert_default().insert(key, token);
+        self.change_rare(|rare| rare.scoped.insert(key, token));
     }
 
     /// Drops every down-scoped token: the session's grant is gone.
     pub fn clear_scoped(&self) {
-        *self.scoped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.change_rare(|rare| rare.scoped = HashMap::new());
+    }
+
+    /// A rotated answer the store has not taken yet, if there is one.
+    pub fn unsaved(&self) -> Option<SessionRecord> {
+        self.read_rare(|rare| rare.unsaved.as_deref().cloned())
+            .flatten()
+    }
+
+    pub fn has_unsaved(&self) -> bool {
+        self.read_rare(|rare| rare.unsaved.is_some())
+            .unwrap_or(false)
+    }
+
+    /// Holds `record` (or nothing) as the answer the store failed to take.
+    pub fn set_unsaved(&self, record: Option<SessionRecord>) {
+        self.change_rare(|rare| rare.unsaved = record.map(Box::new));
     }
 
     /// The current record. Callers clone what they need and let go.
@@ -210,16 +250,15 @@ impl Session {
     }
 
     pub fn last_outcome(&self) -> Outcome {
-        self.last_outcome
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .map_err(|err| *err)
+        match self.read_rare(|rare| rare.last_failure.clone()).flatten() {
+            Some(failure) => Err(failure),
+            None => Ok(()),
+        }
     }
 
     /// Records an attempt's outcome; callers hold the gate.
     pub fn finish_attempt(&self, outcome: Outcome) {
-        *self.last_outcome.lock().unwrap_or_else(|e| e.into_inner()) = outcome.map_err(Box::new);
+        self.change_rare(|rare| rare.last_failure = outcome.err());
         self.attempts.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -233,16 +272,42 @@ impl Session {
 
     /// Starts listening to this session's events.
     pub fn subscribe(&self) -> broadcast::Receiver<WatchEvent> {
-        self.events
-            .get_or_init(|| broadcast::channel(EVENT_BACKLOG).0)
-            .subscribe()
+        self.change_rare(|rare| {
+            rare.events
+                .get_or_insert_with(|| broadcast::channel(EVENT_BACKLOG).0)
+                .subscribe()
+        })
     }
 
     /// Tells every watcher, if there is any. No watcher is a fine outcome;
     /// a lagging one skips ahead.
     pub fn publish(&self, event: WatchEvent) {
-        if let Some(events) = self.events.get() {
+        self.read_rare(|rare| {
+            if let Some(events) = &rare.events {
+                let _ = events.send(event);
+            }
+        });
+    }
+
+    /// Tells watchers of a change to the session's token or failure: a new
+    /// token always, a failure once when it starts or changes (not at every
+    /// attempt it goes on through).
+    pub fn publish_change(&self, event: WatchEvent, token_changed: bool) {
+        let failure = event.error.as_ref().map(|e| e.code);
+        let mut rare = self.rare.lock().unwrap_or_else(|e| e.into_inner());
+        let told = rare.as_ref().and_then(|rare| rare.told_failure);
+        let is_new_failure = failure.is_some() && failure != told;
+        if !(token_changed || is_new_failure) {
+            return;
+        }
+
+        let part = rare.get_or_insert_default();
+        part.told_failure = failure;
+        if let Some(events) = &part.events {
             let _ = events.send(event);
+        }
+        if part.is_empty() {
+            *rare = None;
         }
     }
 
@@ -275,7 +340,7 @@ impl Session {
         let seconds = |ms: u64| ms / 1000;
         let has_token = record.tokens.access_token.is_some();
         SessionStatus {
-            name: record.name.clone(),
+            name: record.name.to_string(),
             issuer: record.client.issuer.clone(),
             client_id: record.client.client_id.clone(),
             token_endpoint: record.client.token_endpoint.clone(),

@@ -23,7 +23,7 @@ fn stage_refresh_in_flight(ws: &Workspace, name: &str) -> String {
         .load_all()
         .unwrap()
         .into_iter()
-        .find(|r| r.name == name)
+        .find(|r| &*r.name == name)
         .expect("the session is stored");
     record.refresh_in_flight = Some(InFlight {
         generation: record.generation,
