@@ -43,8 +43,8 @@ pub fn first_refresh_token(i: usize) -> String {
 /// memory (`token_agent::packed_token`); an opaque token of other
 /// characters would be held as text.
 pub fn token_of_len(len: usize, seed: usize) -> String {
-    use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
 
     let mut state = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut random_bytes = |count: usize| -> Vec<u8> {
@@ -153,7 +153,7 @@ fn session_record(template: &SessionRecord, fill: &Fill, i: usize) -> SessionRec
         ));
     }
     record.tokens.refresh_token = Some(Secret::new(refresh_token)).into();
-    record.next_refresh_at = (fill.due)(i);
+    record.next_refresh_at = (fill.due)(i).into();
     record
 }
 

@@ -21,7 +21,7 @@ use crate::refresh::{
 };
 use crate::sessions::{now_ms, ScopedKey, Session, Sessions};
 use crate::store::{
-    share_client, ClientConfig, SessionRecord, StateRecord, Store, StoreError, Tokens,
+    share_client, ClientConfig, OptU64, SessionRecord, StateRecord, Store, StoreError, Tokens,
 };
 
 /// How long a wrong unlock passphrase makes the caller wait, so guessing
@@ -79,7 +79,7 @@ impl Agent {
                 );
                 record.interrupted = true;
                 record.refresh_in_flight = None;
-                record.next_refresh_at = Some(now);
+                record.next_refresh_at = Some(now).into();
             }
             let session = Arc::new(Session::from_store(record));
             agent.plan(&session);
@@ -422,6 +422,7 @@ impl Agent {
             record.tokens.access_token.is_some() && record.tokens.access_expires_at > now;
         let refreshed_recently = record
             .last_refresh_at
+            .get()
             .is_some_and(|at| now.saturating_sub(at) < self.refresher.timing().min_gap_ms);
         if has_valid && refreshed_recently && lifetime <= min_valid_ms {
             return Err(insufficient_validity(&record, min_valid_ms));
@@ -663,7 +664,7 @@ impl Agent {
             return;
         };
 
-        let remove_at = session.record().remove_at;
+        let remove_at = session.record().remove_at.get();
         if remove_at.is_some_and(|at| at <= now_ms()) {
             let agent = self.clone();
             self.refresher.tasks.spawn(async move {
@@ -673,7 +674,7 @@ impl Agent {
             return;
         }
 
-        let idle_limit = session.record().idle_timeout_secs;
+        let idle_limit = session.record().idle_timeout_secs.get();
         if let Some(idle_secs) = idle_limit {
             let idle_ms = now_ms().saturating_sub(session.last_used());
             if idle_ms > idle_secs.saturating_mul(1000) {
@@ -715,7 +716,7 @@ fn check_session_state(session: &Session, now: u64) -> Result<(), ErrorReply> {
         SessionState::NeedsSignIn => return Err(reauth_error(&record)),
         SessionState::ClientMisconfigured => return Err(misconfigured_error(&record)),
         SessionState::Retrying => {
-            if let Some(retry_at) = record.next_refresh_at.filter(|&at| at > now) {
+            if let Some(retry_at) = record.next_refresh_at.get().filter(|&at| at > now) {
                 let mut reply = ErrorReply::new(
                     ErrorCode::TemporarilyUnavailable,
                     format!(
@@ -837,13 +838,14 @@ fn new_record(import: ImportSession, endpoints: Endpoints) -> SessionRecord {
             reason: None,
             provider_error: None,
         },
-        last_refresh_at: None,
+        last_refresh_at: OptU64::NONE,
         consecutive_failures: 0,
-        next_refresh_at: None,
-        idle_timeout_secs: import.idle_timeout_secs,
+        next_refresh_at: OptU64::NONE,
+        idle_timeout_secs: import.idle_timeout_secs.into(),
         remove_at: import
             .lifetime_secs
-            .map(|secs| now.saturating_add(secs.saturating_mul(1000))),
+            .map(|secs| now.saturating_add(secs.saturating_mul(1000)))
+            .into(),
         created_at: now,
         identity: import
             .identity

@@ -14,8 +14,8 @@
 
 use std::fmt;
 
-use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use serde::de::Visitor;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use token_agent_proto::Secret;
@@ -185,7 +185,11 @@ mod tests {
         let (served, held) = round_trip(&jwt);
 
         assert_eq!(served, jwt);
-        assert!(held < jwt.len() * 4 / 5, "{held} bytes held for {}", jwt.len());
+        assert!(
+            held < jwt.len() * 4 / 5,
+            "{held} bytes held for {}",
+            jwt.len()
+        );
     }
 
     #[test]
@@ -240,7 +244,10 @@ mod tests {
 
         assert_eq!(json, format!("\"{jwt}\""));
         assert_eq!(back, packed);
-        assert_ne!(back, PackedToken::new(&Secret::new("another-token-of-some-length-xx")));
+        assert_ne!(
+            back,
+            PackedToken::new(&Secret::new("another-token-of-some-length-xx"))
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::schedule::Timing;
 use crate::scheduler::Scheduler;
 use crate::sessions::{now_ms, to_ms, Outcome, ScopedKey, ScopedToken, Session, Sessions};
 use crate::store::{
-    ClientConfig, InFlight, RefreshToken, SessionRecord, StateRecord, Store, StoreError,
+    ClientConfig, InFlight, OptU64, RefreshToken, SessionRecord, StateRecord, Store, StoreError,
 };
 use crate::token_file::TokenFile;
 
@@ -146,10 +146,10 @@ impl Refresher {
 
         // The marker goes to disk before the refresh token leaves.
         let now = now_ms();
-        record.refresh_in_flight = Some(InFlight {
+        record.refresh_in_flight = Some(Box::new(InFlight {
             generation: record.generation,
             started_at: now,
-        });
+        }));
         // The reason of an earlier failure stays, so status can tell
         // "refreshing again after: ..." and the next failure can tell
         // whether it is new trouble.
@@ -201,9 +201,9 @@ impl Refresher {
         record.generation += 1;
         record.refresh_in_flight = None;
         record.interrupted = false;
-        record.last_refresh_at = Some(received);
+        record.last_refresh_at = Some(received).into();
         record.consecutive_failures = 0;
-        record.next_refresh_at = Some(self.next_refresh(&record));
+        record.next_refresh_at = Some(self.next_refresh(&record)).into();
 
         if record.tokens.access_token.is_none() {
             // An unsupported token type: the refresh token is kept, the
@@ -242,8 +242,8 @@ impl Refresher {
         let mut record = session.record().clone();
         let now = now_ms();
         apply_answer(&mut record, tokens, now, &self.timing());
-        record.last_refresh_at = Some(now);
-        record.next_refresh_at = Some(self.next_refresh(&record));
+        record.last_refresh_at = Some(now).into();
+        record.next_refresh_at = Some(self.next_refresh(&record)).into();
         set_state(&mut record, SessionState::Fresh, now, None, None);
 
         self.store
@@ -279,7 +279,7 @@ impl Refresher {
             Some(reason.into()),
             None,
         );
-        record.next_refresh_at = None;
+        record.next_refresh_at = OptU64::NONE;
         self.save_or_log(&record).await;
         error!("{reason}");
         self.install(session, record);
@@ -300,7 +300,7 @@ impl Refresher {
             self.timing()
                 .backoff_ms(record.consecutive_failures, retry_after, rand::random());
         let retry_at = now + delay;
-        record.next_refresh_at = Some(retry_at);
+        record.next_refresh_at = Some(retry_at).into();
 
         // Once per change of state, not on every attempt.
         let is_new_trouble = record.consecutive_failures == 1
@@ -367,7 +367,7 @@ impl Refresher {
         record.refresh_in_flight = None;
         record.interrupted = false;
         record.consecutive_failures += 1;
-        record.next_refresh_at = None;
+        record.next_refresh_at = OptU64::NONE;
         set_state(
             &mut record,
             SessionState::NeedsSignIn,
@@ -404,7 +404,7 @@ impl Refresher {
 
         record.refresh_in_flight = None;
         record.consecutive_failures += 1;
-        record.next_refresh_at = None;
+        record.next_refresh_at = OptU64::NONE;
         set_state(
             &mut record,
             SessionState::ClientMisconfigured,
@@ -459,7 +459,7 @@ impl Refresher {
                 continue;
             };
             let mut record = sibling.record().clone();
-            record.next_refresh_at = None;
+            record.next_refresh_at = OptU64::NONE;
             set_state(
                 &mut record,
                 SessionState::ClientMisconfigured,
@@ -622,10 +622,10 @@ impl Refresher {
         // The marker goes to disk before the refresh token leaves, as for
         // any refresh; the session's state and main token stay as they are.
         let now = now_ms();
-        record.refresh_in_flight = Some(InFlight {
+        record.refresh_in_flight = Some(Box::new(InFlight {
             generation: record.generation,
             started_at: now,
-        });
+        }));
         if let Err(err) = self.store.save(&record).await {
             error!(error = %err, "cannot record the refresh as started; not sending it");
             return Err(store_error(&err));
@@ -715,7 +715,8 @@ impl Refresher {
             record.tokens.refresh_expires_at = match answer.refresh_expires_in {
                 Some(secs) if secs > 0 => Some(received + secs as u64 * 1000),
                 _ => None,
-            };
+            }
+            .into();
             record.generation += 1;
             if let Err(err) = self.store.save(&record).await {
                 error!(
@@ -768,8 +769,8 @@ impl Refresher {
             record.state.state,
             SessionState::NeedsSignIn | SessionState::ClientMisconfigured
         );
-        let refresh_at = record.next_refresh_at.filter(|_| !is_stuck);
-        let due = match (refresh_at, record.remove_at) {
+        let refresh_at = record.next_refresh_at.get().filter(|_| !is_stuck);
+        let due = match (refresh_at, record.remove_at.get()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -783,7 +784,7 @@ impl Refresher {
         self.timing().next_refresh(
             record.tokens.obtained_at,
             record.tokens.access_expires_at,
-            record.tokens.refresh_expires_at,
+            record.tokens.refresh_expires_at.get(),
             rand::random(),
         )
     }
@@ -846,7 +847,7 @@ pub fn apply_answer(
         .expires_in
         .filter(|&s| s > 0)
         .map(|s| s as u64 * 1000);
-    let (lifetime, source) = match (stated, tokens.provider_lifetime_ms) {
+    let (lifetime, source) = match (stated, tokens.provider_lifetime_ms.get()) {
         (Some(ms), _) => (ms, ExpirySource::Provider),
         (None, Some(previous)) => (previous, ExpirySource::PreviousLifetime),
         (None, None) => match jwt_lifetime_ms(answer.access_token.expose()) {
@@ -855,7 +856,7 @@ pub fn apply_answer(
         },
     };
     if stated.is_some() {
-        tokens.provider_lifetime_ms = stated;
+        tokens.provider_lifetime_ms = stated.into();
     }
 
     tokens.access_token =
@@ -871,9 +872,11 @@ pub fn apply_answer(
     // Zero means the refresh token does not expire. A rotated token without
     // a stated lifetime has none we know; an unrotated one keeps its own.
     match answer.refresh_expires_in {
-        Some(secs) if secs > 0 => tokens.refresh_expires_at = Some(received + secs as u64 * 1000),
-        Some(_) => tokens.refresh_expires_at = None,
-        None if rotated => tokens.refresh_expires_at = None,
+        Some(secs) if secs > 0 => {
+            tokens.refresh_expires_at = Some(received + secs as u64 * 1000).into()
+        }
+        Some(_) => tokens.refresh_expires_at = OptU64::NONE,
+        None if rotated => tokens.refresh_expires_at = OptU64::NONE,
         None => {}
     }
 }
@@ -1130,13 +1133,13 @@ mod tests {
         let mut a = answer(Some(300), Some("rt-2"));
         a.refresh_expires_in = Some(120);
         apply_answer(&mut r, a, 0, &Timing::default());
-        assert_eq!(r.tokens.refresh_expires_at, Some(120_000));
+        assert_eq!(r.tokens.refresh_expires_at.get(), Some(120_000));
 
         // Zero: an offline token without expiry.
         let mut a = answer(Some(300), Some("rt-3"));
         a.refresh_expires_in = Some(0);
         apply_answer(&mut r, a, 0, &Timing::default());
-        assert_eq!(r.tokens.refresh_expires_at, None);
+        assert_eq!(r.tokens.refresh_expires_at.get(), None);
     }
 
     #[test]

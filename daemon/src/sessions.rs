@@ -350,12 +350,12 @@ impl Session {
             reason: record.state.reason.clone(),
             access_expires_at: has_token.then(|| seconds(record.tokens.access_expires_at)),
             expiry_source: record.tokens.expiry_source.filter(|_| has_token),
-            refresh_expires_at: record.tokens.refresh_expires_at.map(seconds),
-            last_refresh_at: record.last_refresh_at.map(seconds),
+            refresh_expires_at: record.tokens.refresh_expires_at.get().map(seconds),
+            last_refresh_at: record.last_refresh_at.get().map(seconds),
             consecutive_failures: record.consecutive_failures,
-            next_refresh_at: record.next_refresh_at.map(seconds),
-            idle_timeout_secs: record.idle_timeout_secs,
-            remove_at: record.remove_at.map(seconds),
+            next_refresh_at: record.next_refresh_at.get().map(seconds),
+            idle_timeout_secs: record.idle_timeout_secs.get(),
+            remove_at: record.remove_at.get().map(seconds),
             has_refresh_token: record.tokens.refresh_token.is_some(),
             grant: record.client.grant,
             identity: record.identity.as_deref().cloned(),
@@ -364,7 +364,10 @@ impl Session {
 
     /// Whether the planned refresh time has come.
     pub fn is_due(&self, now: u64) -> bool {
-        self.record().next_refresh_at.is_some_and(|at| at <= now)
+        self.record()
+            .next_refresh_at
+            .get()
+            .is_some_and(|at| at <= now)
     }
 
     /// Whether the session is in a state where refreshing cannot help
@@ -463,10 +466,24 @@ mod size_probe {
         eprintln!("Tokens {}", size_of::<crate::store::Tokens>());
         eprintln!("StateRecord {}", size_of::<crate::store::StateRecord>());
         eprintln!("gate {}", size_of::<tokio::sync::Mutex<()>>());
-        eprintln!("Mutex<SessionRecord> {}", size_of::<std::sync::Mutex<crate::store::SessionRecord>>());
-        eprintln!("OnceLock<Sender> {}", size_of::<std::sync::OnceLock<tokio::sync::broadcast::Sender<token_agent_proto::WatchEvent>>>());
+        eprintln!(
+            "Mutex<SessionRecord> {}",
+            size_of::<std::sync::Mutex<crate::store::SessionRecord>>()
+        );
+        eprintln!(
+            "OnceLock<Sender> {}",
+            size_of::<
+                std::sync::OnceLock<tokio::sync::broadcast::Sender<token_agent_proto::WatchEvent>>,
+            >()
+        );
         eprintln!("RefreshToken {}", size_of::<crate::store::RefreshToken>());
-        eprintln!("InFlight opt {}", size_of::<Option<crate::store::InFlight>>());
-        eprintln!("ExpirySource opt {}", size_of::<Option<token_agent_proto::ExpirySource>>());
+        eprintln!(
+            "InFlight opt {}",
+            size_of::<Option<crate::store::InFlight>>()
+        );
+        eprintln!(
+            "ExpirySource opt {}",
+            size_of::<Option<token_agent_proto::ExpirySource>>()
+        );
     }
 }

@@ -25,10 +25,10 @@ fn stage_refresh_in_flight(ws: &Workspace, name: &str) -> String {
         .into_iter()
         .find(|r| &*r.name == name)
         .expect("the session is stored");
-    record.refresh_in_flight = Some(InFlight {
+    record.refresh_in_flight = Some(Box::new(InFlight {
         generation: record.generation,
         started_at: 0,
-    });
+    }));
     runtime.block_on(store.save(&record)).unwrap();
     store
         .refresh_token(name)
