@@ -533,16 +533,18 @@ impl Store {
 
             let tree = &tree;
             let reader = scope.spawn(move || {
-                // Collected, then built in one go: a set grown by sorted
-                // inserts leaves its nodes half full, twice the memory.
-                let mut names = Vec::new();
+                // The keys as sled hands them over (short ones inline):
+                // names made here would be strewn among sled's cached pages
+                // in this thread's heap and keep them from being given back
+                // after the load.
+                let mut keys = Vec::new();
                 let mut batch = Vec::with_capacity(LOAD_BATCH);
                 for entry in tree.iter() {
                     let (key, sealed) = entry.map_err(|source| StoreError::Damaged {
                         path: self.path.clone(),
                         source,
                     })?;
-                    names.push(String::from_utf8_lossy(&key).into_owned());
+                    keys.push(key.clone());
                     batch.push((key, sealed));
                     if batch.len() == LOAD_BATCH {
                         let full = std::mem::replace(&mut batch, Vec::with_capacity(LOAD_BATCH));
@@ -554,7 +556,7 @@ impl Store {
                 if !batch.is_empty() {
                     let _ = sealed_out.send(batch);
                 }
-                Ok::<_, StoreError>(names.into_iter().collect::<std::collections::BTreeSet<_>>())
+                Ok::<_, StoreError>(keys)
             });
 
             let mut opened = Ok(());
@@ -565,13 +567,18 @@ impl Store {
                     Err(err) => opened = opened.and(Err(err)),
                 }
             }
-            let names = reader.join().expect("reading the store does not panic");
-            (names, opened)
+            let keys = reader.join().expect("reading the store does not panic");
+            (keys, opened)
         });
         drop(tree);
         drop(db);
 
-        let names = names?;
+        // Built in one go, on this thread: a set grown by sorted inserts
+        // leaves its nodes half full, twice the memory.
+        let names = names?
+            .iter()
+            .map(|key| String::from_utf8_lossy(key).into_owned())
+            .collect::<std::collections::BTreeSet<_>>();
         opened?;
         self.check_index(names)?;
         self.release_cache()
