@@ -514,7 +514,7 @@ impl Store {
         let (sealed_out, sealed_in) = sync_channel::<Vec<(sled::IVec, sled::IVec)>>(workers * 2);
         let (opened_out, opened_in) = sync_channel(workers * 2);
         let sealed_in = std::sync::Mutex::new(sealed_in);
-        let (names, opened) = std::thread::scope(|scope| {
+        let (read, names, opened) = std::thread::scope(|scope| {
             for _ in 0..workers {
                 let (sealed_in, opened_out) = (&sealed_in, opened_out.clone());
                 scope.spawn(move || loop {
@@ -533,18 +533,12 @@ impl Store {
 
             let tree = &tree;
             let reader = scope.spawn(move || {
-                // The keys as sled hands them over (short ones inline):
-                // names made here would be strewn among sled's cached pages
-                // in this thread's heap and keep them from being given back
-                // after the load.
-                let mut keys = Vec::new();
                 let mut batch = Vec::with_capacity(LOAD_BATCH);
                 for entry in tree.iter() {
                     let (key, sealed) = entry.map_err(|source| StoreError::Damaged {
                         path: self.path.clone(),
                         source,
                     })?;
-                    keys.push(key.clone());
                     batch.push((key, sealed));
                     if batch.len() == LOAD_BATCH {
                         let full = std::mem::replace(&mut batch, Vec::with_capacity(LOAD_BATCH));
@@ -556,31 +550,39 @@ impl Store {
                 if !batch.is_empty() {
                     let _ = sealed_out.send(batch);
                 }
-                Ok::<_, StoreError>(keys)
+                Ok::<_, StoreError>(())
             });
 
+            // The names are the records' own (a record's name is its key,
+            // see `open_record`), so the index can share them. Made here,
+            // on the loading thread: names made by the reader would be
+            // strewn among sled's cached pages in its heap and keep them
+            // from being given back after the load.
+            let mut names = Vec::new();
             let mut opened = Ok(());
             for records in opened_in {
                 match records {
-                    Ok(records) if opened.is_ok() => records.into_iter().for_each(&mut each),
+                    Ok(records) if opened.is_ok() => {
+                        for record in records {
+                            names.push(record.name.clone());
+                            each(record);
+                        }
+                    }
                     Ok(_) => {}
                     Err(err) => opened = opened.and(Err(err)),
                 }
             }
-            let keys = reader.join().expect("reading the store does not panic");
-            (keys, opened)
+            let read = reader.join().expect("reading the store does not panic");
+            (read, names, opened)
         });
         drop(tree);
         drop(db);
 
-        // Built in one go, on this thread: a set grown by sorted inserts
-        // leaves its nodes half full, twice the memory.
-        let names = names?
-            .iter()
-            .map(|key| String::from_utf8_lossy(key).into_owned())
-            .collect::<std::collections::BTreeSet<_>>();
+        read?;
         opened?;
-        self.check_index(names)?;
+        // Built in one go: a set grown by sorted inserts leaves its nodes
+        // half full, twice the memory.
+        self.check_index(names.into_iter().collect())?;
         self.release_cache()
     }
 
@@ -616,7 +618,7 @@ impl Store {
     /// Refuses a database that lacks a session the index names; writes the
     /// index when the store has none yet, and rewrites it as a snapshot of
     /// the names the database holds when it differs or has a log.
-    fn check_index(&self, held: std::collections::BTreeSet<String>) -> Result<(), StoreError> {
+    fn check_index(&self, held: std::collections::BTreeSet<Arc<str>>) -> Result<(), StoreError> {
         let mut index = self.index();
         match index.as_mut() {
             Some(index) => {
@@ -625,6 +627,8 @@ impl Store {
                 // its index entry.
                 if held.len() > index.names().len() || !index.is_compact() {
                     index.replace(&self.path, &self.sealer, held)?;
+                } else {
+                    index.adopt(held);
                 }
             }
             None => *index = Some(Index::create(&self.path, &self.sealer, held)?),
@@ -676,7 +680,7 @@ impl Store {
         match index.as_mut() {
             Some(index) => index.add(&self.path, &self.sealer, &record.name),
             None => {
-                let names = std::collections::BTreeSet::from([record.name.to_string()]);
+                let names = std::collections::BTreeSet::from([record.name.clone()]);
                 *index = Some(Index::create(&self.path, &self.sealer, names)?);
                 Ok(())
             }
@@ -939,7 +943,14 @@ fn open_record(key: &[u8], sealed: &[u8], sealer: &Sealer) -> Result<SessionReco
     let plain = sealer
         .open(key, sealed)
         .map_err(|err| bad(err.to_string()))?;
-    serde_json::from_slice(&plain).map_err(|err| bad(err.to_string()))
+    let record: SessionRecord =
+        serde_json::from_slice(&plain).map_err(|err| bad(err.to_string()))?;
+    // The load takes the index's names from the records: each must name
+    // the key it is stored under.
+    if record.name.as_bytes() != key {
+        return Err(bad("its name is not the name it is stored under".into()));
+    }
+    Ok(record)
 }
 
 /// sled repairs what it can when it opens, writing to its files as it
@@ -952,7 +963,7 @@ fn open_record(key: &[u8], sealed: &[u8], sealer: &Sealer) -> Result<SessionReco
 fn verify_on_a_copy(
     dir: &Path,
     db_path: &Path,
-    index: Option<&std::collections::BTreeSet<String>>,
+    index: Option<&std::collections::BTreeSet<Arc<str>>>,
 ) -> Result<(), StoreError> {
     let copy = dir.join("sled.verify");
     let _ = fs::remove_dir_all(&copy);
@@ -1064,14 +1075,10 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
 /// Refuses a database holding fewer names than the index.
 fn missing_names(
     dir: &Path,
-    names: &std::collections::BTreeSet<String>,
+    names: &std::collections::BTreeSet<Arc<str>>,
     holds: impl Fn(&str) -> bool,
 ) -> Result<(), StoreError> {
-    let missing: Vec<&str> = names
-        .iter()
-        .filter(|n| !holds(n))
-        .map(|n| n.as_str())
-        .collect();
+    let missing: Vec<&str> = names.iter().map(|n| &**n).filter(|n| !holds(n)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -1240,7 +1247,10 @@ pub(crate) mod tests {
         let read = Index::read(dir.path(), &unlock(dir.path(), None, true).unwrap())
             .unwrap()
             .unwrap();
-        assert_eq!(read.names().iter().collect::<Vec<_>>(), expected);
+        assert_eq!(
+            read.names().iter().map(|n| &**n).collect::<Vec<_>>(),
+            expected
+        );
 
         let store = Store::open(dir.path(), None).unwrap();
         let names: Vec<String> = store
@@ -1475,6 +1485,34 @@ pub(crate) mod tests {
             Err(StoreError::BadRecord { name, .. }) => assert_eq!(name, "s01200"),
             other => panic!(
                 "expected the bad record named, got {:?}",
+                other.map(|r| r.len())
+            ),
+        }
+    }
+
+    /// The index's names are taken from the loaded records, so a record
+    /// must name the key it is stored under; one that does not is refused
+    /// by name, and the store is not loaded with a wrong index.
+    #[test]
+    fn a_record_stored_under_another_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let (db, tree) = store.sled().unwrap();
+        let plain = serde_json::to_vec(&record("impostor")).unwrap();
+        let sealed = store.sealer.seal(b"work", &plain);
+        tree.insert("work", sealed).unwrap();
+        drop((db, tree));
+
+        match store.load_all() {
+            Err(StoreError::BadRecord { name, detail }) => {
+                assert_eq!(name, "work");
+                assert!(
+                    detail.contains("not the name it is stored under"),
+                    "{detail}"
+                );
+            }
+            other => panic!(
+                "expected the record refused, got {:?}",
                 other.map(|r| r.len())
             ),
         }

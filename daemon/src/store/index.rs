@@ -52,6 +52,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
@@ -77,7 +78,9 @@ type Epoch = [u8; EPOCH_LEN];
 
 /// The names in the index, and where the next change goes.
 pub(super) struct Index {
-    names: BTreeSet<String>,
+    /// Shared with the sessions' own names where the store could (see
+    /// [`Index::adopt`]): 100,000 names are not held twice.
+    names: BTreeSet<Arc<str>>,
     /// The file's epoch and entry count, when the next change may be
     /// appended to it; `None` when the file must be rewritten first (an
     /// earlier format, a torn last line, a failed append).
@@ -124,7 +127,7 @@ impl Index {
             let names: Vec<String> = serde_json::from_slice(&plain)
                 .map_err(|_| damaged("its list of names does not parse".into()))?;
             return Ok(Some(Index {
-                names: names.into_iter().collect(),
+                names: names.into_iter().map(Arc::from).collect(),
                 log: None,
             }));
         }
@@ -135,15 +138,22 @@ impl Index {
     pub(super) fn create(
         dir: &Path,
         sealer: &Sealer,
-        names: BTreeSet<String>,
+        names: BTreeSet<Arc<str>>,
     ) -> Result<Index, StoreError> {
         let mut index = Index { names, log: None };
         index.rewrite(dir, sealer)?;
         Ok(index)
     }
 
-    pub(super) fn names(&self) -> &BTreeSet<String> {
+    pub(super) fn names(&self) -> &BTreeSet<Arc<str>> {
         &self.names
+    }
+
+    /// Holds `names`, the very names the index holds already, in their
+    /// place: the loaded sessions' own copies, shared instead of doubled.
+    pub(super) fn adopt(&mut self, names: BTreeSet<Arc<str>>) {
+        debug_assert!(names == self.names, "adopted names are the same names");
+        self.names = names;
     }
 
     /// Whether the file is a snapshot alone, in the current format.
@@ -156,7 +166,7 @@ impl Index {
         &mut self,
         dir: &Path,
         sealer: &Sealer,
-        names: BTreeSet<String>,
+        names: BTreeSet<Arc<str>>,
     ) -> Result<(), StoreError> {
         let old = std::mem::replace(&mut self.names, names);
         self.rewrite(dir, sealer).inspect_err(|_| self.names = old)
@@ -167,7 +177,7 @@ impl Index {
         &mut self,
         dir: &Path,
         sealer: &Sealer,
-        name: &str,
+        name: &Arc<str>,
     ) -> Result<(), StoreError> {
         if self.names.contains(name) {
             return Ok(());
@@ -185,7 +195,7 @@ impl Index {
         if !self.names.contains(name) {
             return Ok(());
         }
-        self.change(dir, sealer, REMOVE, name)
+        self.change(dir, sealer, REMOVE, &Arc::from(name))
     }
 
     /// Appends the change, or rewrites the file with it when that is due;
@@ -195,7 +205,7 @@ impl Index {
         dir: &Path,
         sealer: &Sealer,
         op: u8,
-        name: &str,
+        name: &Arc<str>,
     ) -> Result<(), StoreError> {
         let due = self
             .log
@@ -223,15 +233,15 @@ impl Index {
         }
     }
 
-    fn apply(&mut self, op: u8, name: &str) {
+    fn apply(&mut self, op: u8, name: &Arc<str>) {
         if op == ADD {
-            self.names.insert(name.to_string());
+            self.names.insert(name.clone());
         } else {
             self.names.remove(name);
         }
     }
 
-    fn undo(&mut self, op: u8, name: &str) {
+    fn undo(&mut self, op: u8, name: &Arc<str>) {
         self.apply(if op == ADD { REMOVE } else { ADD }, name);
     }
 
@@ -319,7 +329,7 @@ fn parse(bytes: &[u8], sealer: &Sealer) -> Result<Index, String> {
     // leaves its nodes half full, twice the memory.
     let names: Vec<String> =
         serde_json::from_slice(&plain).map_err(|_| "its snapshot does not parse")?;
-    let mut names: BTreeSet<String> = names.into_iter().collect();
+    let mut names: BTreeSet<Arc<str>> = names.into_iter().map(Arc::from).collect();
 
     let mut torn = false;
     for (i, line) in entries.iter().enumerate() {
@@ -339,7 +349,7 @@ fn parse(bytes: &[u8], sealer: &Sealer) -> Result<Index, String> {
         let name = std::str::from_utf8(&plain[1..])
             .map_err(|_| format!("entry {number} is not a name"))?;
         match plain[0] {
-            ADD => names.insert(name.to_string()),
+            ADD => names.insert(Arc::from(name)),
             REMOVE => names.remove(name),
             _ => {
                 return Err(format!(
@@ -410,8 +420,8 @@ mod tests {
             .collect()
     }
 
-    fn names(range: std::ops::Range<usize>) -> BTreeSet<String> {
-        range.map(|i| format!("s{i}")).collect()
+    fn names(range: std::ops::Range<usize>) -> BTreeSet<Arc<str>> {
+        range.map(|i| Arc::from(format!("s{i}"))).collect()
     }
 
     #[test]
@@ -421,7 +431,7 @@ mod tests {
         let before = lines(dir.path());
         assert_eq!(before.len(), 2, "a header and a snapshot");
 
-        index.add(dir.path(), &sealer(), "new").unwrap();
+        index.add(dir.path(), &sealer(), &Arc::from("new")).unwrap();
         index.remove(dir.path(), &sealer(), "s1").unwrap();
         let after = lines(dir.path());
         assert_eq!(after.len(), 4);
@@ -444,12 +454,14 @@ mod tests {
         let mut expected = BTreeSet::new();
         for i in 0..2500 {
             let name = format!("s{i}");
-            index.add(dir.path(), &sealer, &name).unwrap();
-            expected.insert(name);
+            index
+                .add(dir.path(), &sealer, &Arc::from(name.as_str()))
+                .unwrap();
+            expected.insert(Arc::<str>::from(name));
             if i % 3 == 0 {
                 let gone = format!("s{}", i / 2);
                 index.remove(dir.path(), &sealer, &gone).unwrap();
-                expected.remove(&gone);
+                expected.remove(gone.as_str());
             }
         }
         let now = lines(dir.path());
@@ -470,8 +482,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sealer = sealer();
         let mut index = Index::create(dir.path(), &sealer, names(0..2)).unwrap();
-        index.add(dir.path(), &sealer, "kept").unwrap();
-        index.add(dir.path(), &sealer, "torn").unwrap();
+        index.add(dir.path(), &sealer, &Arc::from("kept")).unwrap();
+        index.add(dir.path(), &sealer, &Arc::from("torn")).unwrap();
         let full = fs::read(dir.path().join(FILE)).unwrap();
 
         // Cut anywhere inside the last line (a line missing only its
@@ -494,7 +506,7 @@ mod tests {
             assert_eq!(read.names(), &expected);
 
             // No line may follow a torn one.
-            read.add(dir.path(), &sealer, "after").unwrap();
+            read.add(dir.path(), &sealer, &Arc::from("after")).unwrap();
             assert_eq!(lines(dir.path()).len(), 2, "not rewritten");
             expected.insert("after".into());
             let again = Index::read(dir.path(), &sealer).unwrap().unwrap();
@@ -508,7 +520,7 @@ mod tests {
         let sealer = sealer();
         let mut index = Index::create(dir.path(), &sealer, names(0..2)).unwrap();
         for name in ["a", "b", "c"] {
-            index.add(dir.path(), &sealer, name).unwrap();
+            index.add(dir.path(), &sealer, &Arc::from(name)).unwrap();
         }
         let good = lines(dir.path());
         let refused = |lines: Vec<Vec<u8>>, what: &str| {
@@ -543,7 +555,9 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let mut elsewhere = Index::create(other.path(), &sealer, names(0..2)).unwrap();
         for name in ["a", "b", "x"] {
-            elsewhere.add(other.path(), &sealer, name).unwrap();
+            elsewhere
+                .add(other.path(), &sealer, &Arc::from(name))
+                .unwrap();
         }
         let mut foreign = good.clone();
         foreign[3] = lines(other.path())[3].clone();
@@ -561,7 +575,7 @@ mod tests {
         let mut read = Index::read(dir.path(), &sealer).unwrap().unwrap();
         assert_eq!(read.names(), &names(0..3));
         assert!(!read.is_compact());
-        read.add(dir.path(), &sealer, "s3").unwrap();
+        read.add(dir.path(), &sealer, &Arc::from("s3")).unwrap();
         assert!(lines(dir.path())[0].starts_with(HEADER.as_bytes()));
         let again = Index::read(dir.path(), &sealer).unwrap().unwrap();
         assert_eq!(again.names(), &names(0..4));
@@ -580,14 +594,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sealer = sealer();
         let mut index = Index::create(dir.path(), &sealer, names(0..2)).unwrap();
-        index.add(dir.path(), &sealer, "a").unwrap();
+        index.add(dir.path(), &sealer, &Arc::from("a")).unwrap();
         // A handle that cannot write fails the append, as a full disk does.
         index.log.as_mut().unwrap().file = Some(File::open(dir.path().join(FILE)).unwrap());
-        assert!(index.add(dir.path(), &sealer, "b").is_err());
+        assert!(index.add(dir.path(), &sealer, &Arc::from("b")).is_err());
         assert!(!index.names().contains("b"));
         assert!(index.log.is_none());
 
-        index.add(dir.path(), &sealer, "b").unwrap();
+        index.add(dir.path(), &sealer, &Arc::from("b")).unwrap();
         assert_eq!(lines(dir.path()).len(), 2, "rewritten");
         let read = Index::read(dir.path(), &sealer).unwrap().unwrap();
         assert_eq!(read.names(), index.names());
