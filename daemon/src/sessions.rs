@@ -461,9 +461,6 @@ mod tests {
     use crate::packed_token::PackedToken;
     use token_agent_proto::Secret;
 
-    /// Whatever the timers did, serving compares the wall-clock expiry with
-    /// the time of the `get`: a token is never served at or past it.
-
     /// A replaced session is handed back, and removing it afterwards leaves
     /// its replacement in place: a late removal of an old session must not
     /// take the new one with it.
@@ -485,6 +482,8 @@ mod tests {
         assert!(sessions.get("work").is_none() && sessions.is_empty());
     }
 
+    /// Whatever the timers did, serving compares the wall-clock expiry with
+    /// the time of the `get`: a token is never served at or past it.
     #[test]
     fn a_token_is_never_served_at_or_past_its_wall_clock_expiry() {
         let mut record = crate::store::tests::record("s1");
