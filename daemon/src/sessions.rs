@@ -501,34 +501,3 @@ mod tests {
         assert!(session.servable(989_999, 10_000).is_some());
     }
 }
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn print_sizes() {
-        use std::mem::size_of;
-        eprintln!("Session {}", size_of::<super::Session>());
-        eprintln!("SessionRecord {}", size_of::<crate::store::SessionRecord>());
-        eprintln!("Tokens {}", size_of::<crate::store::Tokens>());
-        eprintln!("StateRecord {}", size_of::<crate::store::StateRecord>());
-        eprintln!("gate {}", size_of::<tokio::sync::Mutex<()>>());
-        eprintln!(
-            "Mutex<SessionRecord> {}",
-            size_of::<std::sync::Mutex<crate::store::SessionRecord>>()
-        );
-        eprintln!(
-            "OnceLock<Sender> {}",
-            size_of::<
-                std::sync::OnceLock<tokio::sync::broadcast::Sender<token_agent_proto::WatchEvent>>,
-            >()
-        );
-        eprintln!("RefreshToken {}", size_of::<crate::store::RefreshToken>());
-        eprintln!(
-            "InFlight opt {}",
-            size_of::<Option<crate::store::InFlight>>()
-        );
-        eprintln!(
-            "ExpirySource opt {}",
-            size_of::<Option<token_agent_proto::ExpirySource>>()
-        );
-    }
-}
