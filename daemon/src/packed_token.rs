@@ -74,8 +74,9 @@ impl PackedToken {
         Secret::new(text)
     }
 
-    /// Bytes held for the token, for measuring.
-    pub fn held_len(&self) -> usize {
+    /// Bytes held for the token.
+    #[cfg(test)]
+    fn held_len(&self) -> usize {
         self.0.len()
     }
 }

@@ -259,14 +259,6 @@ impl OptU64 {
     pub fn get(self) -> Option<u64> {
         (self != OptU64::NONE).then_some(self.0)
     }
-
-    pub fn is_some(self) -> bool {
-        self != OptU64::NONE
-    }
-
-    pub fn is_none(self) -> bool {
-        self == OptU64::NONE
-    }
 }
 
 impl Default for OptU64 {
