@@ -895,6 +895,12 @@ fn unlock(dir: &Path, key_file: Option<&Path>, has_data: bool) -> Result<Sealer,
 }
 
 /// Opens sled and its sessions tree.
+/// sled's page cache. The agent serves from memory and reads sled only to
+/// load and to fetch a refresh token just before presenting it; every
+/// other access is a write. sled's default (1 GiB) lets a day of refreshes
+/// fill the agent's memory with pages it will not read again.
+const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
 fn open_sled(db_path: &Path) -> Result<(sled::Db, sled::Tree), StoreError> {
     let damaged = |source| StoreError::Damaged {
         path: db_path.to_path_buf(),
@@ -903,7 +909,8 @@ fn open_sled(db_path: &Path) -> Result<(sled::Db, sled::Tree), StoreError> {
     let config = sled::Config::new()
         .path(db_path)
         // Our own flushes decide durability; the timer only adds work.
-        .flush_every_ms(None);
+        .flush_every_ms(None)
+        .cache_capacity(SLED_CACHE_BYTES);
 
     // sled's background threads can hold its file lock for a moment after
     // the database was closed, so reopening it at once (after the load, or
