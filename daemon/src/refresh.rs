@@ -713,7 +713,7 @@ impl Refresher {
             // exactly as after an ordinary refresh.
             record.tokens.refresh_token = RefreshToken::Held(refresh_token);
             record.tokens.refresh_expires_at = match answer.refresh_expires_in {
-                Some(secs) if secs > 0 => Some(received + secs as u64 * 1000),
+                Some(secs) if secs > 0 => Some(received.saturating_add(seconds_to_ms(secs))),
                 _ => None,
             }
             .into();
@@ -743,7 +743,7 @@ impl Refresher {
         let lifetime = answer
             .expires_in
             .filter(|&s| s > 0)
-            .map(|s| s as u64 * 1000)
+            .map(seconds_to_ms)
             .or_else(|| jwt_lifetime_ms(answer.access_token.expose()))
             .unwrap_or(self.timing().default_lifetime_ms);
         info!(
@@ -755,7 +755,7 @@ impl Refresher {
         let token = ScopedToken {
             access_token: answer.access_token,
             obtained_at: received,
-            expires_at: received + lifetime,
+            expires_at: received.saturating_add(lifetime),
         };
         session.cache_scoped(key.clone(), token);
         Ok(())
@@ -843,10 +843,7 @@ pub fn apply_answer(
     timing: &Timing,
 ) {
     let tokens = &mut record.tokens;
-    let stated = answer
-        .expires_in
-        .filter(|&s| s > 0)
-        .map(|s| s as u64 * 1000);
+    let stated = answer.expires_in.filter(|&s| s > 0).map(seconds_to_ms);
     let (lifetime, source) = match (stated, tokens.provider_lifetime_ms.get()) {
         (Some(ms), _) => (ms, ExpirySource::Provider),
         (None, Some(previous)) => (previous, ExpirySource::PreviousLifetime),
@@ -862,7 +859,7 @@ pub fn apply_answer(
     tokens.access_token =
         (answer.token_type == "bearer").then(|| PackedToken::new(&answer.access_token));
     tokens.obtained_at = received;
-    tokens.access_expires_at = received + lifetime;
+    tokens.access_expires_at = received.saturating_add(lifetime);
     tokens.expiry_source = Some(source);
 
     let rotated = answer.refresh_token.is_some();
@@ -873,7 +870,7 @@ pub fn apply_answer(
     // a stated lifetime has none we know; an unrotated one keeps its own.
     match answer.refresh_expires_in {
         Some(secs) if secs > 0 => {
-            tokens.refresh_expires_at = Some(received + secs as u64 * 1000).into()
+            tokens.refresh_expires_at = Some(received.saturating_add(seconds_to_ms(secs))).into()
         }
         Some(_) => tokens.refresh_expires_at = OptU64::NONE,
         None if rotated => tokens.refresh_expires_at = OptU64::NONE,
@@ -891,7 +888,15 @@ fn jwt_lifetime_ms(token: &str) -> Option<u64> {
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let exp = claims.get("exp")?.as_i64()?;
     let iat = claims.get("iat")?.as_i64()?;
-    (exp > iat).then(|| (exp - iat) as u64 * 1000)
+    let lifetime = i128::from(exp) - i128::from(iat);
+    (lifetime > 0).then(|| seconds_to_ms(lifetime.try_into().unwrap_or(i64::MAX)))
+}
+
+/// A provider's lifetime in seconds, in milliseconds; one too large to
+/// count (some answer `expires_in: 9223372036854775807`) is as far off as
+/// can be, never wrapped round into the past. Callers pass positive values.
+fn seconds_to_ms(seconds: i64) -> u64 {
+    u64::try_from(seconds).unwrap_or(0).saturating_mul(1000)
 }
 
 fn set_state(
@@ -1002,14 +1007,23 @@ pub fn watch_event(record: &SessionRecord, now: u64) -> WatchEvent {
     let error = match record.state.state {
         SessionState::NeedsSignIn => Some(reauth_error(record)),
         SessionState::ClientMisconfigured => Some(misconfigured_error(record)),
-        SessionState::Retrying if token.is_none() => Some(ErrorReply::new(
-            ErrorCode::TemporarilyUnavailable,
-            format!(
-                "session {}: the provider is failing ({}); the agent retries",
-                record.name,
-                record.state.reason.as_deref().unwrap_or("unknown error")
-            ),
-        )),
+        SessionState::Retrying if token.is_none() => {
+            let mut reply = ErrorReply::new(
+                ErrorCode::TemporarilyUnavailable,
+                format!(
+                    "session {}: the provider is failing ({}); the agent retries",
+                    record.name,
+                    record.state.reason.as_deref().unwrap_or("unknown error")
+                ),
+            );
+            // As a `get` is told: when the next attempt is planned.
+            reply.retry_at = record
+                .next_refresh_at
+                .get()
+                .filter(|&at| at > now)
+                .map(|at| at.div_ceil(1000));
+            Some(reply)
+        }
         _ => None,
     };
     WatchEvent {
@@ -1140,6 +1154,68 @@ mod tests {
         a.refresh_expires_in = Some(0);
         apply_answer(&mut r, a, 0, &Timing::default());
         assert_eq!(r.tokens.refresh_expires_at.get(), None);
+    }
+
+    /// Lifetimes too large to add to the clock (a provider answering
+    /// `expires_in: 9223372036854775807`, or a JWT whose `exp` and `iat`
+    /// are far apart) are taken as "far off", never wrapped round into the
+    /// past: a wrapped deadline made the agent refresh thousands of times a
+    /// second and serve nothing.
+    #[test]
+    fn huge_lifetimes_mean_far_off_never_already_past() {
+        let received = 1_700_000_000_000;
+        let timing = Timing::default();
+
+        let mut r = record();
+        let mut a = answer(Some(i64::MAX), Some("rt-2"));
+        a.refresh_expires_in = Some(i64::MAX);
+        apply_answer(&mut r, a, received, &timing);
+        assert!(r.tokens.access_expires_at > received);
+        assert!(r.tokens.refresh_expires_at.get().unwrap() > received);
+        let due = timing.next_refresh(
+            r.tokens.obtained_at,
+            r.tokens.access_expires_at,
+            r.tokens.refresh_expires_at.get(),
+            0.5,
+        );
+        assert!(due > received + 86_400_000, "planned at {due}");
+
+        // The same from a JWT's own claims, and then remembered.
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            r#"{{"iat":{},"exp":{}}}"#,
+            i64::MIN,
+            i64::MAX
+        ));
+        let mut r = record();
+        let mut jwt = answer(None, None);
+        jwt.access_token = Secret::new(format!("eyJhbGciOiJub25lIn0.{claims}.sig"));
+        apply_answer(&mut r, jwt, received, &timing);
+        assert!(r.tokens.access_expires_at > received);
+        apply_answer(&mut r, answer(Some(i64::MAX), None), received, &timing);
+        apply_answer(&mut r, answer(None, None), received, &timing);
+        assert!(r.tokens.access_expires_at > received);
+    }
+
+    /// A watcher hears when the failing provider is tried next, as a `get`
+    /// would be told.
+    #[test]
+    fn a_watcher_is_told_when_a_failing_provider_is_tried_next() {
+        let now = 1_700_000_000_000;
+        let mut r = record();
+        r.state = StateRecord {
+            state: SessionState::Retrying,
+            since: now,
+            reason: Some("HTTP 503".into()),
+            provider_error: None,
+        };
+        r.tokens.access_expires_at = now - 1;
+        r.next_refresh_at = Some(now + 22_500).into();
+
+        let event = watch_event(&r, now);
+
+        let error = event.error.expect("no token, so an error");
+        assert_eq!(error.code, ErrorCode::TemporarilyUnavailable);
+        assert_eq!(error.retry_at, Some((now + 22_500).div_ceil(1000)));
     }
 
     #[test]

@@ -40,9 +40,11 @@ impl Timing {
     /// not refreshed the moment it arrives.
     fn refresh_point(&self, start: u64, end: u64) -> u64 {
         let lifetime = end.saturating_sub(start);
-        let at_fraction = start + (lifetime as f64 * self.refresh_at) as u64;
+        // Saturating: a lifetime near u64::MAX (a provider stating an
+        // absurd one) means a refresh far off, never one wrapped into the past.
+        let at_fraction = start.saturating_add((lifetime as f64 * self.refresh_at) as u64);
         let with_lead = end.saturating_sub(self.min_lead_ms);
-        at_fraction.min(with_lead.max(start + lifetime / 2))
+        at_fraction.min(with_lead.max(start.saturating_add(lifetime / 2)))
     }
 
     /// When a session that obtained its tokens at `obtained` should refresh.
@@ -73,7 +75,7 @@ impl Timing {
         // The gap keeps a loop from forming when lifetimes are tiny; it is
         // capped at half the lifetime so a real short lifetime still works.
         let gap = self.min_gap_ms.min(lifetime / 2);
-        due.max(obtained + gap)
+        due.max(obtained.saturating_add(gap))
     }
 
     /// How long to wait before attempt number `failures + 1`, after
