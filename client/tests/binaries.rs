@@ -105,3 +105,82 @@ fn tokenctl_finds_tokenctl_full_beside_its_real_file() {
     );
     assert!(list.stdout.is_empty());
 }
+
+/// An agent stand-in on a real Unix socket: answers one connection's hello
+/// and get with `token`, as the agent does.
+fn one_shot_agent(dir: &std::path::Path, token: &str) -> std::path::PathBuf {
+    use token_agent_client::proto::{
+        read_frame, write_frame, Request, Response, Secret, TokenReply, MAX_REQUEST_LEN,
+        MAX_RESPONSE_LEN, PROTOCOL_VERSION,
+    };
+
+    let socket = dir.join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let token = token.to_string();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let hello: Request = read_frame(&mut stream, MAX_REQUEST_LEN).expect("hello");
+        assert!(matches!(hello, Request::Hello { .. }));
+        let _get: Request = read_frame(&mut stream, MAX_REQUEST_LEN).expect("get");
+        let replies = [
+            Response::Hello {
+                version: PROTOCOL_VERSION,
+                agent: "stand-in".into(),
+            },
+            Response::Token(TokenReply {
+                access_token: Secret::new(token),
+                token_type: "Bearer".into(),
+                expires_at: u64::MAX / 2,
+                scope: Vec::new(),
+                audience: None,
+            }),
+        ];
+        for reply in &replies {
+            write_frame(&mut stream, reply, MAX_RESPONSE_LEN).expect("reply");
+        }
+    });
+    socket
+}
+
+/// The fast binary skips Rust's own start-up; what that start-up gave a
+/// `get` must hold all the same: the token printed in full, and a closed
+/// output pipe reported as an error with exit status 1, not a silent death
+/// by SIGPIPE.
+#[test]
+fn the_fast_get_prints_its_token_and_reports_a_closed_pipe() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = one_shot_agent(dir.path(), "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.c2ln");
+    let printed = Command::new(env!("CARGO_BIN_EXE_tokenctl"))
+        .args(["get", "work"])
+        .env("TOKEN_AGENT_SOCK", &socket)
+        .output()
+        .expect("run tokenctl");
+    assert!(printed.status.success(), "{}", text(&printed.stderr));
+    assert_eq!(
+        text(&printed.stdout),
+        "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.c2ln\n"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = one_shot_agent(dir.path(), &"t".repeat(100_000));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenctl"))
+        .args(["get", "work"])
+        .env("TOKEN_AGENT_SOCK", &socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tokenctl");
+    // Nobody reads the output: the write fails on a closed pipe.
+    drop(child.stdout.take());
+    let closed = child.wait_with_output().expect("wait");
+    assert_eq!(closed.status.signal(), None, "killed by a signal");
+    assert_eq!(closed.status.code(), Some(1), "{}", text(&closed.stderr));
+    assert!(
+        text(&closed.stderr).contains("cannot write the output"),
+        "{}",
+        text(&closed.stderr)
+    );
+}
