@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 use crate::oauth::{Endpoints, TokenAnswer};
 use crate::peer::{AccessPolicy, Caller};
 use crate::refresh::{
-    insufficient_validity, misconfigured_error, no_such_session, reauth_error, token_or_error,
-    watch_event, Refresher, ScopedNeed, Trigger,
+    insufficient_validity, misconfigured_error, no_such_session, reauth_error, retrying_error,
+    token_or_error, watch_event, Refresher, ScopedNeed, Trigger,
 };
 use crate::sessions::{now_ms, ScopedKey, Session, Sessions};
 use crate::store::{
@@ -716,18 +716,8 @@ fn check_session_state(session: &Session, now: u64) -> Result<(), ErrorReply> {
         SessionState::NeedsSignIn => return Err(reauth_error(&record)),
         SessionState::ClientMisconfigured => return Err(misconfigured_error(&record)),
         SessionState::Retrying => {
-            if let Some(retry_at) = record.next_refresh_at.get().filter(|&at| at > now) {
-                let mut reply = ErrorReply::new(
-                    ErrorCode::TemporarilyUnavailable,
-                    format!(
-                        "session {}: the provider is failing ({}); the agent retries in {} s",
-                        record.name,
-                        record.state.reason.as_deref().unwrap_or("unknown error"),
-                        (retry_at - now).div_ceil(1000)
-                    ),
-                );
-                reply.retry_at = Some(retry_at.div_ceil(1000));
-                return Err(reply);
+            if record.next_refresh_at.get().is_some_and(|at| at > now) {
+                return Err(retrying_error(&record, now));
             }
         }
         SessionState::Fresh | SessionState::Refreshing => {}

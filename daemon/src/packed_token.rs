@@ -19,7 +19,7 @@ use base64::Engine;
 use serde::de::Visitor;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use token_agent_proto::Secret;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 /// Most parts a packed token may have (a JWE has five).
 const MAX_PARTS: usize = 8;
@@ -27,9 +27,10 @@ const MAX_PARTS: usize = 8;
 /// Below this, a token is kept as text: the header would eat the gain.
 const MIN_PACKED_LEN: usize = 32;
 
-/// An access token, packed. Compares equal exactly when the texts do.
+/// An access token, packed, wiped when dropped. Compares equal exactly
+/// when the texts do.
 #[derive(Clone, PartialEq, Eq)]
-pub struct PackedToken(Box<[u8]>);
+pub struct PackedToken(Zeroizing<Box<[u8]>>);
 
 impl PackedToken {
     pub fn new(token: &Secret) -> PackedToken {
@@ -37,7 +38,7 @@ impl PackedToken {
     }
 
     fn from_text(text: &str) -> PackedToken {
-        PackedToken(pack(text).unwrap_or_else(|| as_text(text)))
+        PackedToken(Zeroizing::new(pack(text).unwrap_or_else(|| as_text(text))))
     }
 
     /// The token's text, as it came from the provider.
@@ -116,12 +117,6 @@ fn as_text(text: &str) -> Box<[u8]> {
     held.push(0);
     held.extend_from_slice(text.as_bytes());
     held.into_boxed_slice()
-}
-
-impl Drop for PackedToken {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
 }
 
 impl fmt::Debug for PackedToken {

@@ -320,15 +320,7 @@ impl Refresher {
         self.save_or_log(&record).await;
         self.install(session, record.clone());
 
-        let mut reply = ErrorReply::new(
-            ErrorCode::TemporarilyUnavailable,
-            format!(
-                "session {}: the provider could not refresh the token ({}); the agent retries",
-                record.name, transient.reason
-            ),
-        );
-        reply.retry_at = Some(retry_at.div_ceil(1000));
-        Err(reply)
+        Err(retrying_error(&record, now))
     }
 
     async fn needs_sign_in(
@@ -921,6 +913,26 @@ fn describe(error: &ProviderError) -> String {
     }
 }
 
+/// Why a session whose provider is failing has no token, and when the
+/// agent tries again (`retry_at`), if that is planned: told to a `get`, to
+/// the caller of the failed attempt and to watchers alike.
+pub fn retrying_error(record: &SessionRecord, now: u64) -> ErrorReply {
+    let retry_at = record.next_refresh_at.get().filter(|&at| at > now);
+    let when = retry_at.map_or(String::new(), |at| {
+        format!(" in {} s", (at - now).div_ceil(1000))
+    });
+    let mut reply = ErrorReply::new(
+        ErrorCode::TemporarilyUnavailable,
+        format!(
+            "session {}: the provider is failing ({}); the agent retries{when}",
+            record.name,
+            record.state.reason.as_deref().unwrap_or("unknown error"),
+        ),
+    );
+    reply.retry_at = retry_at.map(|at| at.div_ceil(1000));
+    reply
+}
+
 pub fn reauth_error(record: &SessionRecord) -> ErrorReply {
     let why = record
         .state
@@ -1007,23 +1019,7 @@ pub fn watch_event(record: &SessionRecord, now: u64) -> WatchEvent {
     let error = match record.state.state {
         SessionState::NeedsSignIn => Some(reauth_error(record)),
         SessionState::ClientMisconfigured => Some(misconfigured_error(record)),
-        SessionState::Retrying if token.is_none() => {
-            let mut reply = ErrorReply::new(
-                ErrorCode::TemporarilyUnavailable,
-                format!(
-                    "session {}: the provider is failing ({}); the agent retries",
-                    record.name,
-                    record.state.reason.as_deref().unwrap_or("unknown error")
-                ),
-            );
-            // As a `get` is told: when the next attempt is planned.
-            reply.retry_at = record
-                .next_refresh_at
-                .get()
-                .filter(|&at| at > now)
-                .map(|at| at.div_ceil(1000));
-            Some(reply)
-        }
+        SessionState::Retrying if token.is_none() => Some(retrying_error(record, now)),
         _ => None,
     };
     WatchEvent {

@@ -151,16 +151,28 @@ impl Session {
         rare.as_deref().map(read)
     }
 
-    /// Changes the rare part, making it first if need be and dropping it
-    /// when nothing is left in it.
+    /// Changes the rare part: one is kept only while something is in it,
+    /// so a change that leaves it empty (a success, most of the time)
+    /// allocates nothing.
     fn change_rare<T>(&self, change: impl FnOnce(&mut Rare) -> T) -> T {
         let mut rare = self.rare.lock().unwrap_or_else(|e| e.into_inner());
-        let part = rare.get_or_insert_default();
-        let result = change(part);
-        if part.is_empty() {
-            *rare = None;
+        match rare.as_deref_mut() {
+            Some(part) => {
+                let result = change(part);
+                if part.is_empty() {
+                    *rare = None;
+                }
+                result
+            }
+            None => {
+                let mut part = Rare::default();
+                let result = change(&mut part);
+                if !part.is_empty() {
+                    *rare = Some(Box::new(part));
+                }
+                result
+            }
         }
-        result
     }
 
     /// The down-scoped token under `key`, if it stays valid for
@@ -294,21 +306,15 @@ impl Session {
     /// attempt it goes on through).
     pub fn publish_change(&self, event: WatchEvent, token_changed: bool) {
         let failure = event.error.as_ref().map(|e| e.code);
-        let mut rare = self.rare.lock().unwrap_or_else(|e| e.into_inner());
-        let told = rare.as_ref().and_then(|rare| rare.told_failure);
-        let is_new_failure = failure.is_some() && failure != told;
-        if !(token_changed || is_new_failure) {
-            return;
-        }
-
-        let part = rare.get_or_insert_default();
-        part.told_failure = failure;
-        if let Some(events) = &part.events {
-            let _ = events.send(event);
-        }
-        if part.is_empty() {
-            *rare = None;
-        }
+        self.change_rare(|rare| {
+            let is_new_failure = failure.is_some() && failure != rare.told_failure;
+            if token_changed || is_new_failure {
+                rare.told_failure = failure;
+                if let Some(events) = &rare.events {
+                    let _ = events.send(event);
+                }
+            }
+        });
     }
 
     /// Marks the session gone; callers hold the gate.
