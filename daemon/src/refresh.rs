@@ -306,7 +306,7 @@ impl Refresher {
         let is_new_trouble = record.consecutive_failures == 1
             || record.state.reason.as_deref() != Some(transient.reason.as_str());
         if is_new_trouble {
-            warn!(reason = %transient.reason, retry_in_s = delay / 1000, "refresh failed; will retry");
+            warn!(reason = %transient.reason, retry_in_s = delay.div_ceil(1000), "refresh failed; will retry");
             set_state(
                 &mut record,
                 SessionState::Retrying,
@@ -737,7 +737,8 @@ impl Refresher {
             .filter(|&s| s > 0)
             .map(seconds_to_ms)
             .or_else(|| jwt_lifetime_ms(answer.access_token.expose()))
-            .unwrap_or(self.timing().default_lifetime_ms);
+            .unwrap_or(self.timing().default_lifetime_ms)
+            .min(MAX_ACCESS_LIFETIME_MS);
         info!(
             scopes = key.scope.len(),
             audience = key.audience.is_some(),
@@ -836,7 +837,11 @@ pub fn apply_answer(
 ) {
     let tokens = &mut record.tokens;
     let stated = answer.expires_in.filter(|&s| s > 0).map(seconds_to_ms);
-    let (lifetime, source) = match (stated, tokens.provider_lifetime_ms.get()) {
+    let remembered = tokens
+        .provider_lifetime_ms
+        .get()
+        .map(|ms| ms.min(MAX_ACCESS_LIFETIME_MS));
+    let (lifetime, source) = match (stated, remembered) {
         (Some(ms), _) => (ms, ExpirySource::Provider),
         (None, Some(previous)) => (previous, ExpirySource::PreviousLifetime),
         (None, None) => match jwt_lifetime_ms(answer.access_token.expose()) {
@@ -851,6 +856,7 @@ pub fn apply_answer(
     tokens.access_token =
         (answer.token_type == "bearer").then(|| PackedToken::new(&answer.access_token));
     tokens.obtained_at = received;
+    let lifetime = lifetime.min(MAX_ACCESS_LIFETIME_MS);
     tokens.access_expires_at = received.saturating_add(lifetime);
     tokens.expiry_source = Some(source);
 
@@ -884,11 +890,25 @@ fn jwt_lifetime_ms(token: &str) -> Option<u64> {
     (lifetime > 0).then(|| seconds_to_ms(lifetime.try_into().unwrap_or(i64::MAX)))
 }
 
-/// A provider's lifetime in seconds, in milliseconds; one too large to
-/// count (some answer `expires_in: 9223372036854775807`) is as far off as
-/// can be, never wrapped round into the past. Callers pass positive values.
+/// The longest an access token is taken to live, whatever the provider
+/// says: a year. No provider we know issues longer ones, and a bogus
+/// lifetime (`expires_in: 9223372036854775807`, which is then remembered
+/// for answers without one) would otherwise stop refreshes for good and
+/// have a token served long after its own `exp`.
+const MAX_ACCESS_LIFETIME_MS: u64 = 365 * 24 * 3600 * 1000;
+
+/// The longest any lifetime is counted, a hundred years: deadlines stay
+/// within what every consumer reads (a four-digit RFC 3339 year, an exact
+/// JSON number), never wrapped round into the past.
+const MAX_LIFETIME_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
+/// A provider's lifetime in seconds, in milliseconds, at most
+/// [`MAX_LIFETIME_MS`]. Callers pass positive values.
 fn seconds_to_ms(seconds: i64) -> u64 {
-    u64::try_from(seconds).unwrap_or(0).saturating_mul(1000)
+    u64::try_from(seconds)
+        .unwrap_or(0)
+        .saturating_mul(1000)
+        .min(MAX_LIFETIME_MS)
 }
 
 fn set_state(
@@ -1190,6 +1210,36 @@ mod tests {
         apply_answer(&mut r, answer(Some(i64::MAX), None), received, &timing);
         apply_answer(&mut r, answer(None, None), received, &timing);
         assert!(r.tokens.access_expires_at > received);
+    }
+
+    /// A bogus lifetime counts as a year at most, also when it is
+    /// remembered for a later answer that states none: refreshes go on,
+    /// and deadlines stay readable (a four-digit year, an exact JSON
+    /// number).
+    #[test]
+    fn an_absurd_lifetime_counts_as_a_year_and_is_not_remembered_longer() {
+        let received = 1_700_000_000_000;
+        let year = 365 * 24 * 3600 * 1000;
+        let timing = Timing::default();
+
+        let mut r = record();
+        apply_answer(
+            &mut r,
+            answer(Some(i64::MAX), Some("rt-2")),
+            received,
+            &timing,
+        );
+        assert_eq!(r.tokens.access_expires_at, received + year);
+
+        apply_answer(&mut r, answer(Some(-5), Some("rt-3")), received, &timing);
+        assert_eq!(r.tokens.expiry_source, Some(ExpirySource::PreviousLifetime));
+        assert_eq!(r.tokens.access_expires_at, received + year);
+
+        let mut a = answer(Some(300), Some("rt-4"));
+        a.refresh_expires_in = Some(i64::MAX);
+        apply_answer(&mut r, a, received, &timing);
+        let refresh_deadline = r.tokens.refresh_expires_at.get().unwrap();
+        assert!(refresh_deadline < (1 << 53), "{refresh_deadline}");
     }
 
     /// A watcher hears when the failing provider is tried next, as a `get`
